@@ -1,0 +1,153 @@
+"""The in-memory mirror of a collection: vectors and metadata by id, for exact and filtered ranking.
+
+Chroma stays the store of record and answers unfiltered nearest-neighbour queries from its HNSW
+graph; this mirror answers what the graph cannot do well: filters, exact cosine over a subset,
+vectors by id (more like this, duplicate collapse) and keyword search.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from filters import Filter
+from keywords import KeywordIndex
+
+MASK_CACHE_SIZE = 32
+
+
+class Catalog:
+    """Vectors in one growing matrix (rows reused after deletes) and metadata per row; thread-safe."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.keywords = KeywordIndex()
+        self._lock = threading.RLock()
+        self._vectors = np.zeros((0, dim), dtype=np.float32)
+        self._alive = np.zeros(0, dtype=bool)
+        self._ids: list[str | None] = []
+        self._metas: list[dict[str, Any] | None] = []
+        self._rows: dict[str, int] = {}
+        self._free: list[int] = []
+        self._version = 0
+        self._masks: OrderedDict[str, tuple[int, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._rows
+
+    def put(self, ids: list[str], vectors: np.ndarray, metadatas: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._reserve(sum(1 for image_id in ids if image_id not in self._rows))
+            for image_id, vector, metadata in zip(ids, vectors, metadatas, strict=True):
+                row = self._rows.get(image_id)
+                if row is None:
+                    row = self._free.pop()
+                    self._rows[image_id] = row
+                    self._ids[row] = image_id
+                    self._alive[row] = True
+                self._vectors[row] = vector
+                self._metas[row] = dict(metadata)
+            self._version += 1
+        self.keywords.put(list(zip(ids, metadatas, strict=True)))
+
+    def update_metadata(self, ids: list[str], metadatas: list[dict[str, Any]]) -> None:
+        with self._lock:
+            for image_id, metadata in zip(ids, metadatas, strict=True):
+                self._metas[self._rows[image_id]] = dict(metadata)
+            self._version += 1
+        self.keywords.put(list(zip(ids, metadatas, strict=True)))
+
+    def remove(self, ids: Iterable[str]) -> None:
+        ids = [image_id for image_id in ids if image_id in self._rows]
+        with self._lock:
+            for image_id in ids:
+                row = self._rows.pop(image_id)
+                self._alive[row] = False
+                self._ids[row] = None
+                self._metas[row] = None
+                self._free.append(row)
+            self._version += 1
+        self.keywords.remove(ids)
+
+    def _reserve(self, extra: int) -> None:
+        missing = extra - len(self._free)
+        if missing <= 0:
+            return
+        old = len(self._ids)
+        size = max(old + missing, int(old * 1.5), 1024)
+        vectors = np.zeros((size, self.dim), dtype=np.float32)
+        vectors[:old] = self._vectors
+        alive = np.zeros(size, dtype=bool)
+        alive[:old] = self._alive
+        self._vectors, self._alive = vectors, alive
+        self._ids.extend([None] * (size - old))
+        self._metas.extend([None] * (size - old))
+        self._free.extend(range(size - 1, old - 1, -1))
+
+    def metadata(self, image_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._rows.get(image_id)
+            return None if row is None else dict(self._metas[row])
+
+    def vector(self, image_id: str) -> np.ndarray | None:
+        with self._lock:
+            row = self._rows.get(image_id)
+            return None if row is None else self._vectors[row].copy()
+
+    def vectors(self, ids: list[str]) -> np.ndarray:
+        with self._lock:
+            return self._vectors[[self._rows[image_id] for image_id in ids]].copy()
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            return [(image_id, dict(self._metas[row])) for image_id, row in self._rows.items()]
+
+    def mask(self, image_filter: Filter | None) -> np.ndarray:
+        """Which rows are live images matching the filter."""
+        with self._lock:
+            if image_filter is None:
+                return self._alive.copy()
+            cached = self._masks.get(image_filter.key)
+            if cached and cached[0] == self._version:
+                self._masks.move_to_end(image_filter.key)
+                return cached[1]
+            mask = np.zeros(len(self._ids), dtype=bool)
+            for row in self._rows.values():
+                mask[row] = image_filter.matches(self._metas[row])
+            self._masks[image_filter.key] = (self._version, mask)
+            while len(self._masks) > MASK_CACHE_SIZE:
+                self._masks.popitem(last=False)
+            return mask
+
+    def ids_where(self, mask: np.ndarray) -> set[str]:
+        with self._lock:
+            return {self._ids[row] for row in np.flatnonzero(mask)}
+
+    def exact_top(
+        self, query: np.ndarray, mask: np.ndarray, count: int, exclude: frozenset[str] = frozenset()
+    ) -> list[tuple[str, float]]:
+        """The `count` best (id, cosine) among the rows of `mask`, by exact cosine similarity."""
+        with self._lock:
+            mask = mask[: len(self._ids)].copy()
+            for image_id in exclude:
+                if image_id in self._rows:
+                    mask[self._rows[image_id]] = False
+            rows = np.flatnonzero(mask)
+            if rows.size == 0:
+                return []
+            scores = self._vectors[rows] @ query
+            ids = [self._ids[row] for row in rows]
+        count = min(count, len(ids))
+        best = np.argpartition(-scores, count - 1)[:count]
+        best = best[np.lexsort((best, -scores[best]))]
+        return [(ids[i], float(scores[i])) for i in best]
+
+    def scores(self, ids: list[str], query: np.ndarray) -> np.ndarray:
+        return self.vectors(ids) @ query if ids else np.zeros(0, dtype=np.float32)

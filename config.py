@@ -1,0 +1,100 @@
+"""Every setting of the engine and its front ends, in one place.
+
+Each setting has a default here and can be overridden by an environment variable of the same name;
+command-line flags of the front ends override both (see `Settings.with_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the images are and where their index lives.
+    DATASET_FOLDER: str = "dataset"
+    CHROMA_DB_PATH: str = "./chroma_db"
+    CHROMA_HOST: str = ""
+    CHROMA_PORT: int = 8001
+    COLLECTION_NAME: str = "image_embeddings"
+    METADATA_FILE_NAMES: str = "metadata.csv,metadata.json"
+    # The model.
+    MODEL_NAME: str = "ViT-B/32"
+    DEVICE: str = "auto"
+    BATCH_SIZE: int = 32
+    LOADER_THREADS: int = 2
+    # HNSW index of a new collection (recall@10 >= 0.99 at 100k vectors, see bench/RESULTS.md).
+    HNSW_M: int = 32
+    HNSW_EF_CONSTRUCTION: int = 200
+    HNSW_EF_SEARCH: int = 128
+    # Below this many images a filtered query is ranked by exact cosine instead of the HNSW graph.
+    EXACT_SEARCH_MAX: int = 20000
+    # Search.
+    TOP_K: int = 5
+    MAX_TOP_K: int = 200
+    MAX_OFFSET: int = 10000
+    MAX_QUERY_CHARS: int = 1000
+    MAX_QUERY_PARTS: int = 8
+    DUPLICATE_THRESHOLD: float = 0.97
+    ADAPTIVE_CUTOFF_RATIO: float = 0.5
+    HYBRID_RRF_K: int = 60
+    # Images.
+    MAX_IMAGE_MEGAPIXELS: float = 100.0
+    THUMBNAIL_SIZE: int = 256
+    # Front ends.
+    RESULTS_FOLDER: str = "results"
+    API_HOST: str = "127.0.0.1"
+    API_PORT: int = 8000
+    API_THREADS: int = 8
+    API_TOKEN: str = ""
+    CORS_ORIGINS: str = "null,http://localhost,http://127.0.0.1"
+    MAX_UPLOAD_MB: float = 20.0
+    RATE_LIMIT_PER_MINUTE: int = 600
+    LOG_LEVEL: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Defaults, overridden by environment variables of the same name."""
+        environ = os.environ if environ is None else environ
+        values = {
+            field.name: _parse(field.name, environ[field.name], field.type)
+            for field in fields(cls)
+            if field.name in environ
+        }
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with the given settings replaced; `None` values (flags not given) are ignored."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def server_mode(self) -> bool:
+        return bool(self.CHROMA_HOST)
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.CORS_ORIGINS.split(",") if origin.strip()]
+
+    @property
+    def metadata_file_names(self) -> list[str]:
+        return [name.strip() for name in self.METADATA_FILE_NAMES.split(",") if name.strip()]
+
+
+def _parse(name: str, raw: str, type_name: Any) -> Any:
+    type_name = getattr(type_name, "__name__", type_name)
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid {type_name}") from None
+    return raw
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The settings in force: defaults < environment variables < the given overrides."""
+    return Settings.from_env().with_overrides(**overrides)

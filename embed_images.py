@@ -1,0 +1,165 @@
+"""Index a folder of images: `python embed_images.py [--dataset DIR] [--rebuild] [--batch-size N]`.
+
+Incremental: only new and changed files are encoded, moved and duplicated files reuse their vectors,
+deleted files leave the index. When an API server (api.py) owns the embedded database, the work is
+handed to that server over HTTP, so that only one process ever writes the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from tqdm import tqdm
+
+from config import Settings, load_settings
+
+log = logging.getLogger("embed_images")
+POLL_SECONDS = 0.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Index a folder of images for semantic search.")
+    parser.add_argument("--dataset", help="folder of images (DATASET_FOLDER)")
+    parser.add_argument("--rebuild", action="store_true", help="delete the index and build it anew")
+    parser.add_argument("--batch-size", type=int, help="images per model batch (BATCH_SIZE)")
+    parser.add_argument("--metadata", type=Path, help="CSV or JSON file of custom metadata to merge")
+    parser.add_argument("--model", help="CLIP model name or checkpoint path (MODEL_NAME)")
+    parser.add_argument("--db", help="database folder (CHROMA_DB_PATH)")
+    parser.add_argument("--collection", help="collection name (COLLECTION_NAME)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        DATASET_FOLDER=args.dataset,
+        BATCH_SIZE=args.batch_size,
+        MODEL_NAME=args.model,
+        CHROMA_DB_PATH=args.db,
+        COLLECTION_NAME=args.collection,
+    )
+
+
+class ProgressBar:
+    """A tqdm bar fed by the indexer's progress reports."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+
+    def update(self, total: int, done: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="img", desc="encoding", file=sys.stderr)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def index_locally(settings: Settings, args: argparse.Namespace) -> int:
+    from image_retrieval import ImageRetrieval
+    from metadata_import import read_metadata_file
+
+    records = read_metadata_file(args.metadata) if args.metadata else None
+    bar = ProgressBar(not args.quiet)
+    with ImageRetrieval(settings, role="embed_images", rebuild=args.rebuild) as engine:
+        try:
+            summary = engine.index_folder(lambda progress: bar.update(progress.total, progress.done))
+        finally:
+            bar.close()
+        print(summary.line())
+        if records is not None:
+            print(engine.import_metadata(records).line())
+    return 0
+
+
+def index_through_server(owner: dict[str, Any], settings: Settings, args: argparse.Namespace) -> int:
+    """The API server owns the database: ask it to index, and follow its progress."""
+    from metadata_import import read_metadata_file
+
+    url = owner["url"].rstrip("/")
+    if args.rebuild:
+        raise SystemExit(f"error: the API server at {url} is using the database; stop it to --rebuild")
+    if owner.get("dataset") and owner["dataset"] != str(Path(settings.DATASET_FOLDER).resolve()):
+        raise SystemExit(
+            f"error: the API server at {url} indexes {owner['dataset']}; stop it to index another folder"
+        )
+    headers = {"Authorization": f"Bearer {settings.API_TOKEN}"} if settings.API_TOKEN else {}
+    body: dict[str, Any] = {}
+    if args.metadata:
+        body["metadata"] = read_metadata_file(args.metadata)
+    log.info("the API server at %s owns the database: indexing through it", url)
+    response = requests.post(f"{url}/index", json=body, headers=headers, timeout=30)
+    if response.status_code not in (202, 409):
+        raise SystemExit(f"error: the API server refused to index: {_error_text(response)}")
+    bar = ProgressBar(not args.quiet)
+    try:
+        while True:
+            job = requests.get(f"{url}/index", headers=headers, timeout=30).json()
+            bar.update(job.get("total", 0), job.get("done", 0))
+            if job.get("state") in ("done", "failed"):
+                break
+            time.sleep(POLL_SECONDS)
+    finally:
+        bar.close()
+    if job["state"] == "failed":
+        raise SystemExit(f"error: indexing failed: {job.get('error', 'unknown error')}")
+    print(job["summary_line"])
+    return 0
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        return response.json().get("error", response.text)
+    except ValueError:
+        return f"HTTP {response.status_code}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from clip_encoder import ModelLoadError
+    from image_retrieval import IndexingRefused, StoreError
+    from metadata_import import MetadataFileError
+    from store import DatabaseBusy
+
+    try:
+        settings = settings_from(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.LOG_LEVEL, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return index_locally(settings, args)
+    except DatabaseBusy as busy:
+        if busy.owner.get("role") == "api" and busy.owner.get("url"):
+            try:
+                return index_through_server(busy.owner, settings, args)
+            except requests.RequestException as error:
+                print(f"error: cannot reach the API server: {error}", file=sys.stderr)
+                return 1
+        print(f"error: {busy}", file=sys.stderr)
+        return 1
+    except (StoreError, ModelLoadError, IndexingRefused, MetadataFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: what was encoded so far is kept; run again to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

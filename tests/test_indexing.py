@@ -1,0 +1,255 @@
+"""Issue 2: the engine, incremental indexing and the embed_images.py command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import clip
+import numpy as np
+import pytest
+import torch
+from data_factory import write_broken_files
+from PIL import Image
+
+from config import Settings
+from image_retrieval import ImageRetrieval, ModelMismatch
+from indexer import IndexingRefused
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_embed(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **settings_env(settings)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "embed_images.py"), "--quiet", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    keys = (
+        "DATASET_FOLDER",
+        "CHROMA_DB_PATH",
+        "MODEL_NAME",
+        "DEVICE",
+        "BATCH_SIZE",
+        "CHROMA_HOST",
+        "CHROMA_PORT",
+    )
+    return {key: str(getattr(settings, key)) for key in keys}
+
+
+def summary_counts(output: str) -> dict[str, int]:
+    line = next(line for line in output.splitlines() if line.startswith("added "))
+    counts = {}
+    for part in line.split(";")[0].split(", "):
+        word, number = part.split()
+        counts[word] = int(number)
+    counts["encoded"] = int(line.split("encoded ")[1].split()[0])
+    return counts
+
+
+def stored_paths(settings: Settings) -> list[str]:
+    with ImageRetrieval(settings) as engine:
+        return sorted(metadata["path"] for _, metadata in engine.catalog.items())
+
+
+def disk_images(folder: Path) -> list[str]:
+    return sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*.jpg")
+        if path.stat().st_size > 0 and not path.name.startswith("truncated")
+    )
+
+
+def test_incremental_indexing_on_real_photos(coco_dataset, settings_for):
+    settings = settings_for(coco_dataset)
+    valid = len(list(coco_dataset.glob("*.jpg")))
+    broken = write_broken_files(coco_dataset, next(coco_dataset.glob("*.jpg")))
+
+    first = run_embed(settings)
+    assert first.returncode == 0, first.stderr
+    counts = summary_counts(first.stdout)
+    assert counts["added"] == valid and counts["failed"] == 3 and counts["encoded"] == valid
+    for name in broken:
+        assert any(name in line and "skipped" in line for line in first.stderr.splitlines()), name
+
+    second = summary_counts(run_embed(settings).stdout)
+    assert second["encoded"] == 0 and second["unchanged"] == valid and second["added"] == 0
+
+    images = sorted(coco_dataset.glob("0*.jpg"))
+    images[0].unlink()
+    images[1].unlink()
+    (coco_dataset / "moved").mkdir()
+    images[2].rename(coco_dataset / "moved" / "renamed photo.jpg")
+    third = summary_counts(run_embed(settings).stdout)
+    assert (third["removed"], third["moved"], third["encoded"], third["added"]) == (2, 1, 0, 0)
+    assert stored_paths(settings) == disk_images(coco_dataset)
+
+
+def test_changed_and_duplicated_files(coco_dataset, settings_for):
+    settings = settings_for(coco_dataset)
+    run_embed(settings)
+    images = sorted(coco_dataset.glob("*.jpg"))
+    shutil.copy(images[0], coco_dataset / "copy of first.jpg")
+    Image.new("RGB", (300, 200), "red").save(images[1])
+    counts = summary_counts(run_embed(settings).stdout)
+    assert counts["added"] == 1 and counts["updated"] == 1 and counts["encoded"] == 1
+    with ImageRetrieval(settings) as engine:
+        by_path = {meta["path"]: image_id for image_id, meta in engine.catalog.items()}
+        original = engine.catalog.vector(by_path[images[0].name])
+        assert np.allclose(engine.catalog.vector(by_path["copy of first.jpg"]), original)
+        assert engine.catalog.metadata(by_path[images[1].name])["width"] == 300
+
+
+def test_stored_vectors_equal_reference_encoding(coco_dataset, settings_for, tiny_checkpoint):
+    settings = settings_for(coco_dataset)
+    big = coco_dataset / "big.jpg"
+    Image.open(next(coco_dataset.glob("0*.jpg"))).resize((2400, 1800)).save(big, quality=92)
+    with ImageRetrieval(settings) as engine:
+        engine.index_folder()
+        model, preprocess = clip.load(str(tiny_checkpoint), device="cpu", jit=False)
+        by_path = {meta["path"]: image_id for image_id, meta in engine.catalog.items()}
+        for name, minimum in [(sorted(coco_dataset.glob("0*.jpg"))[3].name, 0.9999), ("big.jpg", 0.995)]:
+            with torch.no_grad():
+                reference = model.encode_image(preprocess(Image.open(coco_dataset / name)).unsqueeze(0))
+            reference = (reference / reference.norm(dim=-1, keepdim=True))[0].numpy()
+            assert float(reference @ engine.catalog.vector(by_path[name])) >= minimum, name
+        query = "a dog playing in the park"
+        with torch.no_grad():
+            text_reference = model.encode_text(clip.tokenize([query]))
+        text_reference = (text_reference / text_reference.norm(dim=-1, keepdim=True))[0].numpy()
+        assert float(text_reference @ engine.encoder.encode_texts([query])[0]) >= 0.9999
+
+
+def test_image_queried_by_its_own_vector_comes_first(coco_dataset, settings_for):
+    with ImageRetrieval(settings_for(coco_dataset)) as engine:
+        engine.index_folder()
+        for image_id, _ in engine.catalog.items()[:10]:
+            result = engine.search_image(engine.image_path(image_id), top_k=3, collapse_duplicates=False)
+            assert result.hits[0].id == image_id
+            assert result.hits[0].score >= 0.999
+
+
+def test_metadata_of_each_image(coco_dataset, settings_for):
+    with ImageRetrieval(settings_for(coco_dataset)) as engine:
+        engine.index_folder()
+        _, metadata = engine.catalog.items()[0]
+        path = coco_dataset / metadata["path"]
+        with Image.open(path) as image:
+            assert (metadata["width"], metadata["height"], metadata["format"]) == (*image.size, "JPEG")
+        assert metadata["name"] == path.name and metadata["folder"] == ""
+        assert metadata["file_size"] == path.stat().st_size
+        assert metadata["modified"] == path.stat().st_mtime
+        assert len(metadata["content_hash"]) == 64
+        stamp = engine.collection.metadata
+        assert stamp["model"] == engine.encoder.identity and stamp["dim"] == 32
+
+
+def test_exif_orientation_is_applied(tmp_path, settings_for):
+    dataset = tmp_path / "exif"
+    dataset.mkdir()
+    upright = Image.new("RGB", (200, 300), "white")
+    upright.paste((0, 0, 255), (0, 0, 200, 100))
+    rotated = upright.rotate(90, expand=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(dataset / "rotated.jpg", exif=exif, quality=95)
+    upright.save(dataset / "upright.jpg", quality=95)
+    with ImageRetrieval(settings_for(dataset)) as engine:
+        engine.index_folder()
+        by_path = {meta["path"]: (image_id, meta) for image_id, meta in engine.catalog.items()}
+        assert (by_path["rotated.jpg"][1]["width"], by_path["rotated.jpg"][1]["height"]) == (200, 300)
+        vectors = engine.catalog.vectors([by_path["rotated.jpg"][0], by_path["upright.jpg"][0]])
+        assert float(vectors[0] @ vectors[1]) > 0.99
+
+
+def test_another_model_is_refused(coco_dataset, settings_for, tmp_path):
+    from data_factory import write_tiny_checkpoint
+
+    settings = settings_for(coco_dataset)
+    with ImageRetrieval(settings) as engine:
+        engine.index_folder()
+        count = engine.count()
+    other = write_tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    with pytest.raises(ModelMismatch, match="was built with model"):
+        ImageRetrieval(settings.with_overrides(MODEL_NAME=str(other)))
+    result = run_embed(settings.with_overrides(MODEL_NAME=str(other)))
+    assert result.returncode == 1 and "was built with model" in result.stderr
+    assert "Traceback" not in result.stderr
+    with ImageRetrieval(settings) as engine:
+        assert engine.count() == count
+
+
+def test_empty_or_missing_folder_never_wipes_the_index(coco_dataset, settings_for, tmp_path):
+    settings = settings_for(coco_dataset)
+    run_embed(settings)
+    count = len(stored_paths(settings))
+    missing = run_embed(settings.with_overrides(DATASET_FOLDER=str(tmp_path / "nowhere")))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    moved_away = tmp_path / "elsewhere"
+    coco_dataset.rename(moved_away)
+    coco_dataset.mkdir()
+    empty = run_embed(settings)
+    assert empty.returncode == 1 and "refusing" in empty.stderr
+    assert len(stored_paths(settings)) == count
+    with pytest.raises(IndexingRefused), ImageRetrieval(settings) as engine:
+        engine.index_folder()
+
+
+def test_rebuild_starts_over(coco_dataset, settings_for):
+    settings = settings_for(coco_dataset)
+    run_embed(settings)
+    counts = summary_counts(run_embed(settings, "--rebuild").stdout)
+    assert counts["added"] == len(list(coco_dataset.glob("*.jpg"))) and counts["unchanged"] == 0
+
+
+def test_kill_during_indexing_then_rerun(coco_dataset, settings_for):
+    settings = settings_for(coco_dataset, BATCH_SIZE=4)
+    valid = disk_images(coco_dataset)
+    env = {**os.environ, **settings_env(settings)}
+    for delay in (4.0, 6.0):
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "embed_images.py"), "--quiet"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    result = run_embed(settings)
+    assert result.returncode == 0, result.stderr
+    with ImageRetrieval(settings) as engine:
+        ids = [image_id for image_id, _ in engine.catalog.items()]
+        paths = sorted(meta["path"] for _, meta in engine.catalog.items())
+        assert len(ids) == len(set(ids)) == engine.collection.count()
+        assert paths == valid
+        stored = engine.collection.get(include=[])["ids"]
+        assert len(stored) == len(set(stored)) == len(valid)
+
+
+def test_server_mode_indexing(coco_dataset, settings_for, chroma_server):
+    settings = settings_for(coco_dataset, CHROMA_HOST=chroma_server.host, CHROMA_PORT=chroma_server.port)
+    write_broken_files(coco_dataset, next(coco_dataset.glob("*.jpg")))
+    first = run_embed(settings)
+    assert first.returncode == 0, first.stderr
+    valid = disk_images(coco_dataset)
+    assert summary_counts(first.stdout)["added"] == len(valid)
+    assert summary_counts(first.stdout)["failed"] == 3
+    assert summary_counts(run_embed(settings).stdout)["encoded"] == 0
+    sorted(coco_dataset.glob("0*.jpg"))[0].unlink()
+    assert summary_counts(run_embed(settings).stdout)["removed"] == 1
+    assert stored_paths(settings) == disk_images(coco_dataset)
+    assert not Path(settings.CHROMA_DB_PATH).exists()

@@ -90,16 +90,23 @@ class Hit:
     matched_terms: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, with_why: bool = False) -> dict[str, Any]:
         result = {
             "id": self.id,
             "path": self.path,
             "score": round(self.score, 6),
             "rank": self.rank,
             "metadata": self.metadata,
+            "duplicates": self.duplicates,
         }
-        if self.duplicates:
-            result["duplicates"] = self.duplicates
+        if with_why:
+            result["why"] = {
+                "vector_rank": self.vector_rank,
+                "vector_score": round(self.score, 6),
+                "keyword_rank": self.keyword_rank,
+                "keyword_score": None if self.keyword_score is None else round(self.keyword_score, 6),
+                "matched_terms": self.matched_terms,
+            }
         return result
 
 
@@ -109,6 +116,10 @@ class SearchResult:
     mode: str
     has_more: bool
     filtered_total: int | None = None
+
+    def hit_dicts(self) -> list[dict[str, Any]]:
+        """The hits as JSON-ready objects; keyword and hybrid hits say why they matched."""
+        return [hit.as_dict(with_why=self.mode != "vector") for hit in self.hits]
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""Run `python api.py` as a real subprocess on a free port, for tests over real HTTP.
+
+    with ApiServer(settings) as server:
+        requests.post(f"{server.url}/search", json={"query": "a dog"})
+
+Every field of the given `Settings` is passed to the server as an environment variable of the same
+name, so the server runs with exactly those settings. The server's log goes to a file (`log_path`),
+whose text is included in the error when the server fails to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import Settings  # noqa: E402
+
+START_TIMEOUT_SECONDS = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every setting as an environment variable of the same name."""
+    return {field.name: str(getattr(settings, field.name)) for field in dataclasses.fields(settings)}
+
+
+class ApiServer:
+    """`python api.py` with the given settings on a free loopback port (or `port`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.settings = settings.with_overrides(API_HOST="127.0.0.1", API_PORT=self.port)
+        self.extra_env = extra_env or {}
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="api-", suffix=".log")[1])
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ApiServer:
+        env = {**os.environ, **settings_env(self.settings), **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "api.py")],
+                env=env,
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"api.py exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"api.py did not answer GET / within {START_TIMEOUT_SECONDS:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> ApiServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()

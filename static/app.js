@@ -1,0 +1,1053 @@
+/* Image search web UI: plain JavaScript over the HTTP API (POST /search, GET /, GET /images/<id>). */
+"use strict";
+
+(() => {
+  const DEFAULT_API = "http://localhost:8000";
+  const DEFAULT_TOP_K = 20;
+  const MAX_TOP_K = 200;
+  const REQUEST_TIMEOUT_MS = 120000;
+  const STORAGE = {
+    base: "imageSearch.apiBase",
+    token: "imageSearch.token",
+    image: "imageSearch.queryImage",
+  };
+  const HIDDEN_FACTS = new Set(["path", "name", "description", "content_hash", "indexed", "tags"]);
+  const MODES = ["vector", "keyword", "hybrid"];
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    form: $("search-form"),
+    query: $("query"),
+    fileInput: $("file-input"),
+    topK: $("top-k"),
+    minScore: $("min-score"),
+    tag: $("tag-filter"),
+    folder: $("folder-filter"),
+    rawFilter: $("raw-filter"),
+    advanced: $("advanced"),
+    knownTags: $("known-tags"),
+    knownFolders: $("known-folders"),
+    chips: $("query-chips"),
+    status: $("status"),
+    results: $("results"),
+    grid: $("grid"),
+    pager: $("pager"),
+    prevPage: $("prev-page"),
+    nextPage: $("next-page"),
+    pageInfo: $("page-info"),
+    apiStatus: $("api-status"),
+    dropOverlay: $("drop-overlay"),
+    preview: $("preview"),
+    previewImage: $("preview-image"),
+    previewTitle: $("preview-title"),
+    previewPosition: $("preview-position"),
+    previewDescription: $("preview-description"),
+    previewFacts: $("preview-facts"),
+    previewWhy: $("preview-why"),
+    previewPrev: $("preview-prev"),
+    previewNext: $("preview-next"),
+    previewClose: $("preview-close"),
+    moreLikeThis: $("more-like-this"),
+    openOriginal: $("open-original"),
+    settings: $("settings"),
+    settingsButton: $("settings-button"),
+    settingsForm: $("settings-form"),
+    settingsResult: $("settings-result"),
+    settingsTest: $("settings-test"),
+    settingsCancel: $("settings-cancel"),
+    apiBaseInput: $("api-base"),
+    apiTokenInput: $("api-token"),
+  };
+
+  /** Everything that defines the current search; mirrored in the URL. */
+  const state = {
+    query: "",
+    image: null,
+    imageName: "",
+    similarTo: null,
+    similarName: "",
+    mode: "vector",
+    topK: DEFAULT_TOP_K,
+    minScore: null,
+    tag: "",
+    folder: "",
+    rawFilter: "",
+    page: 1,
+  };
+
+  const view = { results: [], hasMore: false, current: -1, serial: 0, controller: null, fullImageUrl: null };
+  const known = { tags: new Set(), folders: new Set() };
+  let maxTopK = MAX_TOP_K;
+  let dragDepth = 0;
+  let lastFocus = null;
+
+  // ---- storage and API address -------------------------------------------------------------------
+
+  function stored(key) {
+    try {
+      return window.localStorage.getItem(key) || "";
+    } catch {
+      return "";
+    }
+  }
+
+  function store(key, value) {
+    try {
+      if (value) window.localStorage.setItem(key, value);
+      else window.localStorage.removeItem(key);
+    } catch {
+      /* storage can be disabled (private mode, file:// policies); settings then last for the visit */
+    }
+  }
+
+  function trimBase(url) {
+    return url.trim().replace(/\/+$/, "");
+  }
+
+  /** The page's own origin when the API serves it, else the documented default. */
+  function defaultApiBase() {
+    const { protocol, origin } = window.location;
+    return protocol === "http:" || protocol === "https:" ? origin : DEFAULT_API;
+  }
+
+  function urlApiParam() {
+    return new URLSearchParams(window.location.search).get("api") || "";
+  }
+
+  function apiBase() {
+    return trimBase(urlApiParam() || stored(STORAGE.base) || defaultApiBase());
+  }
+
+  function apiUrl(path) {
+    if (/^https?:\/\//i.test(path)) return path;
+    return apiBase() + (path.startsWith("/") ? path : `/${path}`);
+  }
+
+  function authHeaders() {
+    const token = stored(STORAGE.token);
+    return token ? { Authorization: `Bearer ${token}` } : {};
+  }
+
+  class ApiError extends Error {
+    constructor(kind, message, status = 0) {
+      super(message);
+      this.kind = kind;
+      this.status = status;
+    }
+  }
+
+  /** fetch() against the API, turning every failure into an ApiError with a readable message. */
+  async function apiFetch(path, options = {}, signal = undefined) {
+    const url = apiUrl(path);
+    let response;
+    try {
+      response = await fetch(url, { ...options, signal, headers: { ...authHeaders(), ...(options.headers || {}) } });
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      throw new ApiError("unreachable", `Cannot reach the image search API at ${apiBase()}.`);
+    }
+    if (!response.ok) throw new ApiError("http", await errorMessage(response), response.status);
+    return response;
+  }
+
+  async function errorMessage(response) {
+    let message = "";
+    try {
+      const body = await response.json();
+      message = body && (body.error || body.message);
+    } catch {
+      /* not JSON: fall back to the status line */
+    }
+    if (response.status === 401 && !message) message = "The API needs an access token: set it in Settings.";
+    return message || `The API answered ${response.status} ${response.statusText}`.trim();
+  }
+
+  // ---- state <-> URL -----------------------------------------------------------------------------
+
+  function clampTopK(value) {
+    const number = Math.round(Number(value));
+    if (!Number.isFinite(number) || number < 1) return DEFAULT_TOP_K;
+    return Math.min(number, maxTopK);
+  }
+
+  function parseMinScore(value) {
+    if (value === null || value === undefined || String(value).trim() === "") return null;
+    const number = Number(value);
+    return Number.isFinite(number) ? Math.max(-1, Math.min(1, number)) : null;
+  }
+
+  function readStateFromUrl() {
+    const params = new URLSearchParams(window.location.search);
+    state.query = params.get("q") || "";
+    state.mode = MODES.includes(params.get("mode")) ? params.get("mode") : "vector";
+    state.topK = params.has("top_k") ? clampTopK(params.get("top_k")) : DEFAULT_TOP_K;
+    state.minScore = parseMinScore(params.get("min_score"));
+    state.tag = params.get("tag") || "";
+    state.folder = params.get("folder") || "";
+    state.rawFilter = params.get("filters") || "";
+    state.page = Math.max(1, Math.round(Number(params.get("page"))) || 1);
+    state.similarTo = params.get("similar_to") || null;
+    state.similarName = params.get("similar_name") || "";
+    state.image = null;
+    state.imageName = "";
+    if (params.get("image") === "1") restoreQueryImage();
+  }
+
+  function stateParams() {
+    const params = new URLSearchParams();
+    const api = urlApiParam();
+    if (api) params.set("api", api);
+    if (state.query) params.set("q", state.query);
+    if (state.similarTo) {
+      params.set("similar_to", state.similarTo);
+      if (state.similarName) params.set("similar_name", state.similarName);
+    }
+    if (state.image) params.set("image", "1");
+    if (state.mode !== "vector") params.set("mode", state.mode);
+    if (state.topK !== DEFAULT_TOP_K) params.set("top_k", String(state.topK));
+    if (state.minScore !== null) params.set("min_score", String(state.minScore));
+    if (state.tag) params.set("tag", state.tag);
+    if (state.folder) params.set("folder", state.folder);
+    if (state.rawFilter) params.set("filters", state.rawFilter);
+    if (state.page > 1) params.set("page", String(state.page));
+    return params;
+  }
+
+  function writeStateToUrl(push) {
+    const search = stateParams().toString();
+    const url = `${window.location.pathname}${search ? `?${search}` : ""}`;
+    if (url === `${window.location.pathname}${window.location.search}`) return;
+    try {
+      if (push) window.history.pushState(null, "", url);
+      else window.history.replaceState(null, "", url);
+    } catch {
+      /* some file:// setups refuse history changes; the search still runs */
+    }
+  }
+
+  function rememberQueryImage() {
+    try {
+      window.sessionStorage.setItem(STORAGE.image, JSON.stringify({ data: state.image, name: state.imageName }));
+    } catch {
+      /* too large for session storage: a reload then cannot repeat this image search */
+    }
+  }
+
+  function restoreQueryImage() {
+    try {
+      const saved = JSON.parse(window.sessionStorage.getItem(STORAGE.image) || "null");
+      if (saved && saved.data) {
+        state.image = saved.data;
+        state.imageName = saved.name || "image";
+      }
+    } catch {
+      state.image = null;
+    }
+  }
+
+  function stateToControls() {
+    el.query.value = state.query;
+    for (const radio of document.querySelectorAll('input[name="mode"]')) radio.checked = radio.value === state.mode;
+    el.topK.value = String(state.topK);
+    el.minScore.value = state.minScore === null ? "" : String(state.minScore);
+    el.tag.value = state.tag;
+    el.folder.value = state.folder;
+    el.rawFilter.value = state.rawFilter;
+    if (state.rawFilter) el.advanced.open = true;
+  }
+
+  function controlsToState() {
+    const checked = document.querySelector('input[name="mode"]:checked');
+    state.mode = checked ? checked.value : "vector";
+    state.topK = clampTopK(el.topK.value);
+    el.topK.value = String(state.topK);
+    state.minScore = parseMinScore(el.minScore.value);
+    state.tag = el.tag.value.trim();
+    state.folder = el.folder.value.trim().replace(/^\/+/, "");
+    state.rawFilter = el.rawFilter.value.trim();
+  }
+
+  // ---- the query ---------------------------------------------------------------------------------
+
+  /** A filter value in the text syntax of filters.py, quoted when it is not a plain word. */
+  function filterValue(value) {
+    return /^[\w.\-/]+$/.test(value) ? value : `"${value.replace(/(["\\$`])/g, "\\$1")}"`;
+  }
+
+  function filterText() {
+    const clauses = [];
+    if (state.rawFilter) clauses.push(state.rawFilter);
+    if (state.tag) clauses.push(`tags contains ${filterValue(state.tag)}`);
+    if (state.folder) clauses.push(`folder prefix ${filterValue(state.folder)}`);
+    return clauses.join(" and ");
+  }
+
+  function hasQuery() {
+    return Boolean(state.query || state.image || state.similarTo);
+  }
+
+  /** Image and more-like-this queries have no words, so they always rank by vector similarity. */
+  function effectiveMode() {
+    return state.query ? state.mode : "vector";
+  }
+
+  function requestBody() {
+    const body = { top_k: state.topK, offset: (state.page - 1) * state.topK, mode: effectiveMode() };
+    if (state.query) body.query = state.query;
+    if (state.image) body.image = state.image;
+    if (state.similarTo) body.similar_to = state.similarTo;
+    if (state.minScore !== null) body.min_score = state.minScore;
+    const filters = filterText();
+    if (filters) body.filters = filters;
+    return body;
+  }
+
+  async function runSearch({ push = true } = {}) {
+    renderChips();
+    writeStateToUrl(push);
+    if (!hasQuery()) {
+      clearResults();
+      showWelcome();
+      return;
+    }
+    if (view.controller) view.controller.abort();
+    const controller = new AbortController();
+    const serial = ++view.serial;
+    const timer = window.setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
+    view.controller = controller;
+    setLoading(true);
+    try {
+      const response = await apiFetch(
+        "/search",
+        { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(requestBody()) },
+        controller.signal,
+      );
+      const data = await response.json();
+      if (serial !== view.serial) return;
+      showResults(data);
+    } catch (error) {
+      if (serial !== view.serial) return;
+      if (error.name === "AbortError") showError("timeout", "The search took too long and was stopped. Try again.");
+      else showSearchError(error);
+    } finally {
+      window.clearTimeout(timer);
+      if (serial === view.serial) {
+        setLoading(false);
+        view.controller = null;
+      }
+    }
+  }
+
+  function startNewSearch(changes) {
+    Object.assign(state, { image: null, imageName: "", similarTo: null, similarName: "" }, changes, { page: 1 });
+    runSearch({ push: true });
+  }
+
+  function submitSearch(event) {
+    event.preventDefault();
+    controlsToState();
+    const text = el.query.value.trim();
+    if (!text && (state.image || state.similarTo)) {
+      state.page = 1;
+      runSearch({ push: true });
+      return;
+    }
+    if (!text) {
+      showError("input", "Type what you are looking for, or drop an image on the page.");
+      el.query.focus();
+      return;
+    }
+    startNewSearch({ query: text });
+  }
+
+  function optionsChanged() {
+    controlsToState();
+    state.page = 1;
+    if (hasQuery()) runSearch({ push: false });
+    else writeStateToUrl(false);
+  }
+
+  function goToPage(page) {
+    state.page = Math.max(1, page);
+    runSearch({ push: true }).then(() => el.results.focus({ preventScroll: true }));
+    el.results.scrollIntoView({ behavior: "smooth", block: "start" });
+  }
+
+  // ---- image queries -----------------------------------------------------------------------------
+
+  function readAsDataUrl(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+  }
+
+  async function searchWithFile(file) {
+    if (!file) return;
+    if (file.type && !file.type.startsWith("image/")) {
+      showError("input", `“${file.name}” is not an image. Drop or choose a JPEG, PNG, WebP or GIF file.`);
+      return;
+    }
+    let data;
+    try {
+      data = await readAsDataUrl(file);
+    } catch {
+      showError("input", `Could not read “${file.name || "the image"}”.`);
+      return;
+    }
+    controlsToState();
+    el.query.value = "";
+    startNewSearch({ query: "", image: data, imageName: file.name || "pasted image" });
+    rememberQueryImage();
+  }
+
+  function imageFileFrom(dataTransfer) {
+    if (!dataTransfer) return null;
+    for (const file of dataTransfer.files || []) if (file.type.startsWith("image/")) return file;
+    for (const item of dataTransfer.items || []) {
+      if (item.kind === "file" && item.type.startsWith("image/")) return item.getAsFile();
+    }
+    return dataTransfer.files && dataTransfer.files.length ? dataTransfer.files[0] : null;
+  }
+
+  function carriesFiles(event) {
+    return Boolean(event.dataTransfer) && Array.from(event.dataTransfer.types || []).includes("Files");
+  }
+
+  function showDropOverlay(visible) {
+    el.dropOverlay.hidden = !visible;
+    document.body.classList.toggle("dragging", visible);
+  }
+
+  function onDragEnter(event) {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    dragDepth += 1;
+    showDropOverlay(true);
+  }
+
+  function onDragOver(event) {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+  }
+
+  function onDragLeave(event) {
+    if (!carriesFiles(event)) return;
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) showDropOverlay(false);
+  }
+
+  function onDrop(event) {
+    event.preventDefault();
+    dragDepth = 0;
+    showDropOverlay(false);
+    const file = imageFileFrom(event.dataTransfer);
+    if (file) searchWithFile(file);
+    else showError("input", "Drop an image file to search by example.");
+  }
+
+  function onPaste(event) {
+    const file = imageFileFrom(event.clipboardData);
+    if (!file || !file.type.startsWith("image/")) return;
+    event.preventDefault();
+    searchWithFile(file);
+  }
+
+  // ---- rendering: status, chips, results -----------------------------------------------------------
+
+  function node(tag, attributes = {}, ...children) {
+    const element = document.createElement(tag);
+    for (const [key, value] of Object.entries(attributes)) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") element.className = value;
+      else if (key === "text") element.textContent = value;
+      else if (key.startsWith("on")) element.addEventListener(key.slice(2), value);
+      else element.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child !== null && child !== undefined && child !== false) {
+        element.append(child instanceof Node ? child : document.createTextNode(String(child)));
+      }
+    }
+    return element;
+  }
+
+  function setStatus(kind, ...content) {
+    el.status.dataset.kind = kind;
+    el.status.setAttribute("role", kind === "error" || kind === "unreachable" ? "alert" : "status");
+    el.status.replaceChildren(...content);
+  }
+
+  function setLoading(loading) {
+    document.body.classList.toggle("is-loading", loading);
+    el.results.setAttribute("aria-busy", loading ? "true" : "false");
+    if (loading) {
+      setStatus("loading", node("span", { class: "spinner", "aria-hidden": "true" }), node("span", { text: "Searching…" }));
+    }
+  }
+
+  function showWelcome() {
+    setStatus(
+      "welcome",
+      node(
+        "div",
+        { class: "welcome" },
+        node("h1", { text: "Find images by what they show" }),
+        node("p", {
+          text: "Describe a scene in words, or drop, paste or choose an image to find similar ones. Narrow down by tag, folder or minimum score.",
+        }),
+      ),
+    );
+  }
+
+  function settingsButton(label) {
+    return node("button", { type: "button", class: "link-button", text: label, onclick: openSettings });
+  }
+
+  function retryButton() {
+    return node("button", { type: "button", class: "link-button", text: "Try again", onclick: () => runSearch({ push: false }) });
+  }
+
+  function showError(kind, message, ...extra) {
+    setStatus(kind === "input" ? "error" : kind, node("div", { class: "message" }, node("p", { text: message }), ...extra));
+  }
+
+  function showSearchError(error) {
+    clearResults();
+    if (error.kind === "unreachable") {
+      showError(
+        "unreachable",
+        error.message,
+        node(
+          "p",
+          { class: "hint" },
+          "Check that the API is running (",
+          node("code", { text: "python api.py" }),
+          ") and that its address is right. ",
+          settingsButton("Change the API address"),
+          " · ",
+          retryButton(),
+        ),
+      );
+      markApiStatus("down", `API unreachable at ${apiBase()}`);
+      return;
+    }
+    const hint =
+      error.status === 401 || error.status === 403
+        ? node("p", { class: "hint" }, settingsButton("Set the access token"))
+        : null;
+    showError("error", `The search failed: ${error.message}`, hint);
+  }
+
+  function clearResults() {
+    view.results = [];
+    view.hasMore = false;
+    el.grid.replaceChildren();
+    el.pager.hidden = true;
+  }
+
+  function chip(label, value, onRemove) {
+    return node(
+      "span",
+      { class: "chip" },
+      node("span", { class: "chip-label", text: label }),
+      node("span", { class: "chip-value", text: value }),
+      node(
+        "button",
+        { type: "button", class: "chip-remove", "aria-label": `Remove ${label.toLowerCase()} ${value}`, onclick: onRemove },
+        "×",
+      ),
+    );
+  }
+
+  function renderChips() {
+    const chips = [];
+    if (state.image) {
+      chips.push(
+        node(
+          "span",
+          { class: "chip chip-image" },
+          node("img", { src: state.image, alt: `Query image ${state.imageName}` }),
+          node("span", { class: "chip-label", text: "Image" }),
+          node("span", { class: "chip-value", text: state.imageName }),
+          node("button", { type: "button", class: "chip-remove", "aria-label": "Clear the query image", onclick: clearQuery }, "×"),
+        ),
+      );
+    }
+    if (state.similarTo) chips.push(chip("Similar to", state.similarName || state.similarTo, clearQuery));
+    if (state.tag) chips.push(chip("Tag", state.tag, () => removeFilter(el.tag)));
+    if (state.folder) chips.push(chip("Folder", state.folder, () => removeFilter(el.folder)));
+    if (state.rawFilter) chips.push(chip("Filter", state.rawFilter, () => removeFilter(el.rawFilter)));
+    if (state.minScore !== null) chips.push(chip("Score ≥", String(state.minScore), () => removeFilter(el.minScore)));
+    el.chips.replaceChildren(...chips);
+  }
+
+  function clearQuery() {
+    Object.assign(state, { image: null, imageName: "", similarTo: null, similarName: "", page: 1 });
+    runSearch({ push: true });
+    el.query.focus();
+  }
+
+  function removeFilter(input) {
+    input.value = "";
+    optionsChanged();
+  }
+
+  function showResults(data) {
+    const results = Array.isArray(data.results) ? data.results : [];
+    view.results = results;
+    view.hasMore = Boolean(data.has_more);
+    rememberFacets(results);
+    el.grid.replaceChildren(...results.map(resultCard));
+    renderPager(results.length);
+    if (!results.length) {
+      showNoResults();
+      return;
+    }
+    const first = (state.page - 1) * state.topK + 1;
+    const mode = data.mode || effectiveMode();
+    setStatus(
+      "results",
+      node("span", { class: "summary" }, `Results ${first}–${first + results.length - 1}`, describeTotal(data)),
+      node("span", { class: "mode-badge", text: `${mode} search` }),
+    );
+  }
+
+  function describeTotal(data) {
+    const total = Number(data.total_results);
+    return Number.isFinite(total) && total > 0 && data.has_more ? ` of ${total}` : "";
+  }
+
+  function showNoResults() {
+    const what = state.query ? `“${state.query}”` : "this query";
+    const hints = [];
+    if (state.page > 1) hints.push("there are no more results after the previous page");
+    if (state.minScore !== null) hints.push("lower or clear the minimum score");
+    if (filterText()) hints.push("remove a filter");
+    if (state.mode === "keyword" && state.query) hints.push("try vector or hybrid mode, which match by meaning");
+    setStatus(
+      "empty",
+      node(
+        "div",
+        { class: "message" },
+        node("p", { text: `No images match ${what}.` }),
+        hints.length ? node("p", { class: "hint", text: `Try this: ${hints.join("; ")}.` }) : null,
+      ),
+    );
+  }
+
+  function renderPager(count) {
+    const hasPrevious = state.page > 1;
+    el.pager.hidden = !hasPrevious && !view.hasMore;
+    el.prevPage.disabled = !hasPrevious;
+    el.nextPage.disabled = !view.hasMore;
+    el.pageInfo.textContent = count ? `Page ${state.page}` : "";
+  }
+
+  function rememberFacets(results) {
+    for (const hit of results) {
+      const metadata = hit.metadata || {};
+      for (const tag of tagsOf(metadata)) known.tags.add(tag);
+      if (metadata.folder) known.folders.add(metadata.folder);
+    }
+    fillDatalist(el.knownTags, known.tags);
+    fillDatalist(el.knownFolders, known.folders);
+  }
+
+  function fillDatalist(list, values) {
+    list.replaceChildren(...[...values].sort().slice(0, 300).map((value) => node("option", { value })));
+  }
+
+  function tagsOf(metadata) {
+    const tags = metadata.tags;
+    if (Array.isArray(tags)) return tags.map(String);
+    if (typeof tags === "string" && tags) return tags.split(/[|,]/).map((tag) => tag.trim()).filter(Boolean);
+    return [];
+  }
+
+  function fileName(hit) {
+    const metadata = hit.metadata || {};
+    return metadata.name || String(hit.path || hit.id).split("/").pop();
+  }
+
+  function altText(hit) {
+    const metadata = hit.metadata || {};
+    return metadata.description || `Image ${fileName(hit)}`;
+  }
+
+  function thumbnailSource(hit) {
+    return hit.image || (hit.thumbnail_url ? apiUrl(hit.thumbnail_url) : "");
+  }
+
+  function formatScore(score) {
+    const number = Number(score);
+    return Number.isFinite(number) ? number.toFixed(3) : "–";
+  }
+
+  function whyLine(hit) {
+    const why = hit.why;
+    if (!why) return null;
+    const rank = (value) => (value === null || value === undefined ? "–" : `#${value}`);
+    const terms = Array.isArray(why.matched_terms) ? why.matched_terms : [];
+    return node(
+      "span",
+      { class: "card-why" },
+      node("span", { title: "Rank by visual similarity", text: `vector ${rank(why.vector_rank)}` }),
+      node("span", { title: "Rank by keywords", text: `keyword ${rank(why.keyword_rank)}` }),
+      terms.length ? node("span", { class: "terms", title: "Matched terms", text: terms.join(", ") }) : null,
+    );
+  }
+
+  function resultCard(hit, index) {
+    const duplicates = Array.isArray(hit.duplicates) ? hit.duplicates.length : 0;
+    return node(
+      "li",
+      { class: "card", "data-id": hit.id, "data-rank": hit.rank },
+      node(
+        "button",
+        { type: "button", class: "card-button", onclick: () => openPreview(index) },
+        node(
+          "span",
+          { class: "thumb" },
+          node("img", { src: thumbnailSource(hit), alt: altText(hit), loading: "lazy", decoding: "async" }),
+          node("span", { class: "rank", "aria-label": `rank ${hit.rank}`, text: hit.rank }),
+          duplicates
+            ? node("span", { class: "dupes", title: "Near-duplicates folded into this result", text: `+${duplicates}` })
+            : null,
+        ),
+        node(
+          "span",
+          { class: "card-body" },
+          node("span", { class: "card-name", title: hit.path, text: fileName(hit) }),
+          node("span", { class: "card-score", title: "Similarity score" }, node("span", { class: "visually-hidden", text: "score " }), formatScore(hit.score)),
+        ),
+        whyLine(hit),
+      ),
+    );
+  }
+
+  // ---- preview dialog ------------------------------------------------------------------------------
+
+  function formatBytes(bytes) {
+    const number = Number(bytes);
+    if (!Number.isFinite(number)) return String(bytes);
+    const units = ["B", "KB", "MB", "GB"];
+    let value = number;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
+  }
+
+  function formatTime(seconds) {
+    const number = Number(seconds);
+    return Number.isFinite(number) ? new Date(number * 1000).toLocaleString() : String(seconds);
+  }
+
+  function fact(label, ...value) {
+    return [node("dt", { text: label }), node("dd", {}, ...value)];
+  }
+
+  function filterLink(label, onClick) {
+    return node("button", { type: "button", class: "tag", title: `Filter by ${label}`, onclick: onClick, text: label });
+  }
+
+  function applyFilterFromPreview(input, value) {
+    input.value = value;
+    el.preview.close();
+    optionsChanged();
+  }
+
+  function factsOf(hit) {
+    const metadata = hit.metadata || {};
+    const facts = [fact("Path", node("code", { text: hit.path })), fact("Score", formatScore(hit.score))];
+    if (metadata.width && metadata.height) facts.push(fact("Dimensions", `${metadata.width} × ${metadata.height}`));
+    if (metadata.format) facts.push(fact("Format", String(metadata.format)));
+    if (metadata.file_size !== undefined) facts.push(fact("File size", formatBytes(metadata.file_size)));
+    if (metadata.modified !== undefined) facts.push(fact("Modified", formatTime(metadata.modified)));
+    if (metadata.folder) facts.push(fact("Folder", filterLink(metadata.folder, () => applyFilterFromPreview(el.folder, metadata.folder))));
+    const tags = tagsOf(metadata);
+    if (tags.length) {
+      facts.push(fact("Tags", node("span", { class: "tags" }, tags.map((tag) => filterLink(tag, () => applyFilterFromPreview(el.tag, tag))))));
+    }
+    const duplicates = Array.isArray(hit.duplicates) ? hit.duplicates.length : 0;
+    if (duplicates) facts.push(fact("Duplicates", `${duplicates} near-identical image${duplicates > 1 ? "s" : ""} folded in`));
+    const shown = new Set([...HIDDEN_FACTS, "width", "height", "format", "file_size", "modified", "folder"]);
+    for (const [key, value] of Object.entries(metadata)) {
+      if (shown.has(key) || value === null || value === "" || typeof value === "object") continue;
+      facts.push(fact(key.replace(/_/g, " "), String(value)));
+    }
+    return facts.flat();
+  }
+
+  function whyPanel(hit) {
+    const why = hit.why;
+    if (!why) return [];
+    const value = (number, digits) => (number === null || number === undefined ? "–" : digits ? Number(number).toFixed(digits) : `#${number}`);
+    const terms = Array.isArray(why.matched_terms) && why.matched_terms.length ? why.matched_terms.join(", ") : "none";
+    return [
+      node("h3", { text: "Why it matched" }),
+      node(
+        "dl",
+        { class: "facts" },
+        fact("Vector rank", value(why.vector_rank)),
+        fact("Vector score", value(why.vector_score, 3)),
+        fact("Keyword rank", value(why.keyword_rank)),
+        fact("Keyword score", value(why.keyword_score, 3)),
+        fact("Matched terms", terms),
+      ),
+    ];
+  }
+
+  function releaseFullImage() {
+    if (view.fullImageUrl) URL.revokeObjectURL(view.fullImageUrl);
+    view.fullImageUrl = null;
+  }
+
+  /** Shows the thumbnail at once, then the original; with a token the original is fetched as a blob. */
+  async function loadFullImage(hit, index) {
+    releaseFullImage();
+    const original = hit.image_url ? apiUrl(hit.image_url) : "";
+    el.previewImage.src = thumbnailSource(hit);
+    el.openOriginal.href = original || thumbnailSource(hit);
+    if (!original) return;
+    let source = original;
+    if (stored(STORAGE.token)) {
+      try {
+        const blob = await (await apiFetch(hit.image_url)).blob();
+        source = URL.createObjectURL(blob);
+      } catch {
+        return;
+      }
+      if (view.current !== index) {
+        URL.revokeObjectURL(source);
+        return;
+      }
+      view.fullImageUrl = source;
+      el.openOriginal.href = source;
+    }
+    const loader = new Image();
+    loader.onload = () => {
+      if (view.current === index) el.previewImage.src = source;
+    };
+    loader.src = source;
+  }
+
+  function openPreview(index) {
+    const hit = view.results[index];
+    if (!hit) return;
+    if (!el.preview.open) lastFocus = document.activeElement;
+    view.current = index;
+    el.preview.dataset.id = hit.id;
+    el.previewTitle.textContent = fileName(hit);
+    el.previewImage.alt = altText(hit);
+    el.previewPosition.textContent = `Result ${hit.rank ?? index + 1} · ${index + 1} of ${view.results.length} on this page`;
+    const description = (hit.metadata || {}).description;
+    el.previewDescription.textContent = description || "";
+    el.previewDescription.hidden = !description;
+    el.previewFacts.replaceChildren(...factsOf(hit));
+    const why = whyPanel(hit);
+    el.previewWhy.replaceChildren(...why);
+    el.previewWhy.hidden = !why.length;
+    el.previewPrev.disabled = index === 0;
+    el.previewNext.disabled = index === view.results.length - 1;
+    loadFullImage(hit, index);
+    if (!el.preview.open) el.preview.showModal();
+    el.previewClose.focus({ preventScroll: true });
+  }
+
+  function movePreview(step) {
+    const next = view.current + step;
+    if (next >= 0 && next < view.results.length) openPreview(next);
+  }
+
+  function onPreviewKey(event) {
+    if (event.key === "ArrowRight") {
+      event.preventDefault();
+      movePreview(1);
+    } else if (event.key === "ArrowLeft") {
+      event.preventDefault();
+      movePreview(-1);
+    }
+  }
+
+  function onPreviewClosed() {
+    const card = el.grid.querySelector(`.card[data-id="${CSS.escape(el.preview.dataset.id || "")}"] .card-button`);
+    view.current = -1;
+    releaseFullImage();
+    el.previewImage.removeAttribute("src");
+    (card || lastFocus || el.query).focus({ preventScroll: false });
+  }
+
+  function moreLikeThis() {
+    const hit = view.results[view.current];
+    if (!hit) return;
+    el.preview.close();
+    el.query.value = "";
+    controlsToState();
+    startNewSearch({ query: "", similarTo: hit.id, similarName: fileName(hit) });
+  }
+
+  // ---- settings and API status ----------------------------------------------------------------------
+
+  function openSettings() {
+    el.apiBaseInput.value = apiBase();
+    el.apiTokenInput.value = stored(STORAGE.token);
+    el.settingsResult.textContent = "";
+    el.settings.showModal();
+    el.apiBaseInput.focus();
+  }
+
+  function saveSettings(event) {
+    const base = trimBase(el.apiBaseInput.value);
+    if (!/^https?:\/\/[^\s/]+/i.test(base)) {
+      event.preventDefault();
+      el.settingsResult.textContent = "Enter an address starting with http:// or https://, e.g. http://localhost:8000";
+      return;
+    }
+    store(STORAGE.base, base === defaultApiBase() ? "" : base);
+    store(STORAGE.token, el.apiTokenInput.value.trim());
+    if (urlApiParam()) dropApiParam();
+    checkApi();
+    if (hasQuery()) runSearch({ push: false });
+  }
+
+  function dropApiParam() {
+    const params = new URLSearchParams(window.location.search);
+    params.delete("api");
+    const search = params.toString();
+    try {
+      window.history.replaceState(null, "", `${window.location.pathname}${search ? `?${search}` : ""}`);
+    } catch {
+      /* history unavailable: the ?api parameter keeps priority until the address is edited */
+    }
+  }
+
+  async function testSettings() {
+    const base = trimBase(el.apiBaseInput.value);
+    el.settingsResult.textContent = `Connecting to ${base}…`;
+    const token = el.apiTokenInput.value.trim();
+    try {
+      const response = await fetch(`${base}/`, { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+      if (!response.ok) throw new ApiError("http", await errorMessage(response), response.status);
+      const info = await response.json();
+      el.settingsResult.textContent = `Connected: ${describeApi(info)}.`;
+    } catch (error) {
+      el.settingsResult.textContent =
+        error instanceof ApiError ? `The API answered with an error: ${error.message}` : `Cannot reach the API at ${base}.`;
+    }
+  }
+
+  function describeApi(info) {
+    const parts = [];
+    if (Number.isFinite(Number(info.images))) parts.push(`${Number(info.images).toLocaleString()} images`);
+    if (info.model) parts.push(String(info.model));
+    return parts.join(" · ") || "ok";
+  }
+
+  function markApiStatus(stateName, text) {
+    el.apiStatus.dataset.state = stateName;
+    el.apiStatus.textContent = text;
+  }
+
+  async function checkApi() {
+    try {
+      const info = await (await apiFetch("/")).json();
+      const limit = Number(info.max_top_k);
+      if (Number.isInteger(limit) && limit > 0) {
+        maxTopK = Math.min(limit, MAX_TOP_K);
+        el.topK.max = String(maxTopK);
+      }
+      markApiStatus("up", `Connected to ${apiBase()} · ${describeApi(info)}`);
+    } catch (error) {
+      const text =
+        error.kind === "unreachable" ? `API unreachable at ${apiBase()}` : `API at ${apiBase()}: ${error.message}`;
+      markApiStatus("down", text);
+      if (!hasQuery() && error.kind === "unreachable") {
+        showError(
+          "unreachable",
+          error.message,
+          node("p", { class: "hint" }, "Start it with ", node("code", { text: "python api.py" }), " or ", settingsButton("change the API address"), "."),
+        );
+      }
+    }
+  }
+
+  // ---- wiring ----------------------------------------------------------------------------------------
+
+  function isTyping(target) {
+    return target instanceof HTMLElement && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
+  }
+
+  function onGlobalKey(event) {
+    if (event.key === "/" && !isTyping(event.target) && !el.preview.open && !el.settings.open) {
+      event.preventDefault();
+      el.query.focus();
+      el.query.select();
+    }
+  }
+
+  function bind() {
+    el.form.addEventListener("submit", submitSearch);
+    el.fileInput.addEventListener("change", () => {
+      searchWithFile(el.fileInput.files[0]);
+      el.fileInput.value = "";
+    });
+    for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", optionsChanged);
+    for (const input of [el.topK, el.minScore, el.tag, el.folder, el.rawFilter]) {
+      input.addEventListener("change", optionsChanged);
+      input.addEventListener("keydown", (event) => {
+        if (event.key === "Enter") {
+          event.preventDefault();
+          optionsChanged();
+        }
+      });
+    }
+    el.prevPage.addEventListener("click", () => goToPage(state.page - 1));
+    el.nextPage.addEventListener("click", () => goToPage(state.page + 1));
+    el.previewClose.addEventListener("click", () => el.preview.close());
+    el.previewPrev.addEventListener("click", () => movePreview(-1));
+    el.previewNext.addEventListener("click", () => movePreview(1));
+    el.preview.addEventListener("keydown", onPreviewKey);
+    el.preview.addEventListener("close", onPreviewClosed);
+    el.preview.addEventListener("click", (event) => {
+      if (event.target === el.preview) el.preview.close();
+    });
+    el.moreLikeThis.addEventListener("click", moreLikeThis);
+    el.settingsButton.addEventListener("click", openSettings);
+    el.settingsForm.addEventListener("submit", saveSettings);
+    el.settingsCancel.addEventListener("click", () => el.settings.close());
+    el.settingsTest.addEventListener("click", testSettings);
+    document.addEventListener("dragenter", onDragEnter);
+    document.addEventListener("dragover", onDragOver);
+    document.addEventListener("dragleave", onDragLeave);
+    document.addEventListener("drop", onDrop);
+    document.addEventListener("paste", onPaste);
+    document.addEventListener("keydown", onGlobalKey);
+    window.addEventListener("popstate", () => {
+      if (el.preview.open) el.preview.close();
+      readStateFromUrl();
+      stateToControls();
+      runSearch({ push: false });
+    });
+  }
+
+  function start() {
+    bind();
+    readStateFromUrl();
+    stateToControls();
+    checkApi();
+    if (hasQuery()) runSearch({ push: false });
+    else {
+      renderChips();
+      showWelcome();
+    }
+  }
+
+  start();
+})();

@@ -1,0 +1,1201 @@
+"""The HTTP API: `python api.py [--host H] [--port P] [--dataset DIR] [--model NAME|PATH] ...`.
+
+A Flask application (`create_app`) over one shared `ImageRetrieval`, served by waitress. The model is
+loaded and the collection mirrored before the server listens. When the API owns an embedded database,
+it records its URL in the database's owner file, so that `embed_images.py` hands indexing to it
+(`POST /index`) instead of opening the database a second time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import re
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Request, Response, current_app, jsonify, request, send_file, send_from_directory
+from flask_cors import CORS
+from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+
+from config import Settings, load_settings
+from image_io import ImageLoadError, thumbnail_jpeg
+from image_retrieval import (
+    ImageRetrieval,
+    QueryError,
+    QueryPart,
+    SearchQuery,
+    SearchResult,
+    UnknownImage,
+    data_uri_bytes,
+)
+from indexer import IndexingRefused, IndexProgress
+from store import StoreError, StoreUnavailable
+
+log = logging.getLogger("api")
+
+ROOT = Path(__file__).resolve().parent
+SEARCH_FIELDS = frozenset(
+    {
+        "query",
+        "image",
+        "similar_to",
+        "parts",
+        "top_k",
+        "offset",
+        "min_score",
+        "cutoff",
+        "filters",
+        "mode",
+        "collapse_duplicates",
+        "include_images",
+    }
+)
+PART_FIELDS = frozenset({"text", "image", "id", "weight"})
+MAX_PART_WEIGHT = 10.0
+INCLUDE_IMAGES = ("thumbnail", "none")
+MODES = ("vector", "keyword", "hybrid")
+CUTOFFS = ("adaptive", "none")
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+THUMBNAIL_CACHE_BYTES = 64 * 1024 * 1024
+CACHE_SECONDS = 300
+RATE_WINDOW_SECONDS = 60.0
+PUBLIC_PATHS = ("/", "/ui")
+PUBLIC_PREFIXES = ("/static/",)
+
+
+class BadRequest(ValueError):
+    """A request that cannot be answered as sent; the message says what to change."""
+
+
+# -- thumbnails ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    jpeg: bytes
+    data_uri: str
+
+
+class ThumbnailCache:
+    """Thumbnails by (content hash, size), least recently used dropped first, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = THUMBNAIL_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, int], Thumbnail] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get_or_make(self, key: tuple[str, int], make: Callable[[], bytes]) -> Thumbnail:
+        with self._lock:
+            cached = self._entries.get(key)
+            if cached is not None:
+                self._entries.move_to_end(key)
+                return cached
+        jpeg = make()
+        thumbnail = Thumbnail(jpeg, "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"))
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = thumbnail
+                self._bytes += _thumbnail_bytes(thumbnail)
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= _thumbnail_bytes(dropped)
+        return thumbnail
+
+
+def _thumbnail_bytes(thumbnail: Thumbnail) -> int:
+    return len(thumbnail.jpeg) + len(thumbnail.data_uri)
+
+
+# -- rate limiting -------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """At most `per_minute` requests per client in any sliding 60-second window (0: unlimited)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._recent: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> float:
+        """0 if the request is allowed (and counted), else the seconds until it would be."""
+        if self.per_minute <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent.setdefault(client, deque())
+            while recent and recent[0] <= now - RATE_WINDOW_SECONDS:
+                recent.popleft()
+            if len(recent) >= self.per_minute:
+                return recent[0] + RATE_WINDOW_SECONDS - now
+            recent.append(now)
+            if len(self._recent) > 10000:
+                self._forget_idle_clients(now)
+            return 0.0
+
+    def _forget_idle_clients(self, now: float) -> None:
+        idle = [client for client, times in self._recent.items() if times[-1] <= now - RATE_WINDOW_SECONDS]
+        for client in idle:
+            del self._recent[client]
+
+
+# -- background indexing -------------------------------------------------------------------------
+
+
+@dataclass
+class IndexJobStatus:
+    state: str = "idle"
+    total: int = 0
+    done: int = 0
+    images_per_second: float = 0.0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+    summary_line: str | None = None
+    metadata_line: str | None = None
+    error: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class IndexJob:
+    """One indexing run of the dataset folder at a time, in a background thread."""
+
+    def __init__(self, engine: ImageRetrieval) -> None:
+        self.engine = engine
+        self._status = IndexJobStatus()
+        self._lock = threading.Lock()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._status.__dict__, failures=list(self._status.failures))
+
+    @property
+    def state(self) -> str:
+        return self._status.state
+
+    def start(self, metadata: list[dict[str, Any]] | None) -> bool:
+        """Start a run; False if one is already running."""
+        with self._lock:
+            if self._status.state == "running":
+                return False
+            self._status = IndexJobStatus(state="running", started_at=_now_iso())
+        threading.Thread(target=self._run, args=(metadata,), name="index-job", daemon=True).start()
+        return True
+
+    def _run(self, metadata: list[dict[str, Any]] | None) -> None:
+        try:
+            summary = self.engine.index_folder(on_progress=self._on_progress)
+            metadata_line = self.engine.import_metadata(metadata).line() if metadata else None
+        except (IndexingRefused, StoreError) as error:
+            log.warning("indexing failed: %s", error)
+            self._finish(state="failed", error=self._public_message(str(error)))
+            return
+        except Exception:
+            log.exception("indexing failed")
+            self._finish(state="failed", error="indexing failed with an internal error (see the server log)")
+            return
+        self._finish(
+            state="done",
+            summary=summary.as_dict(),
+            summary_line=summary.line(),
+            metadata_line=metadata_line,
+            failures=[{"path": path, "reason": reason} for path, reason in summary.failures],
+        )
+
+    def _on_progress(self, progress: IndexProgress) -> None:
+        with self._lock:
+            self._status.total = progress.total
+            self._status.done = progress.done
+            self._status.images_per_second = round(progress.images_per_second, 3)
+            self._status.failures = [{"path": path, "reason": reason} for path, reason in progress.failures]
+
+    def _finish(self, **changes: Any) -> None:
+        with self._lock:
+            for name, value in changes.items():
+                setattr(self._status, name, value)
+            self._status.finished_at = _now_iso()
+
+    def _public_message(self, message: str) -> str:
+        """The message without the server's absolute dataset path."""
+        return message.replace(str(self.engine.dataset_root), "DATASET_FOLDER")
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# -- parsing search requests ---------------------------------------------------------------------
+
+
+@dataclass
+class SearchRequest:
+    query: SearchQuery
+    text: str | None
+    include_images: bool
+
+
+def search_request_from_json(body: Any) -> SearchRequest:
+    if not isinstance(body, dict):
+        raise BadRequest('the JSON body must be an object, e.g. {"query": "a dog"}')
+    unknown = sorted(set(body) - SEARCH_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(SEARCH_FIELDS))}")
+    return _search_request({key: value for key, value in body.items() if value is not None})
+
+
+def search_request_from_form(form: dict[str, str], files: dict[str, FileStorage]) -> SearchRequest:
+    unknown = sorted((set(form) | set(files)) - SEARCH_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(SEARCH_FIELDS))}")
+    values: dict[str, Any] = {key: text for key, text in form.items() if text.strip()}
+    for name, parse in (("top_k", _form_int), ("offset", _form_int), ("min_score", _form_float)):
+        if name in values:
+            values[name] = parse(name, values[name])
+    if "collapse_duplicates" in values:
+        values["collapse_duplicates"] = _form_bool("collapse_duplicates", values["collapse_duplicates"])
+    if "parts" in values:
+        values["parts"] = _form_json("parts", values["parts"])
+    upload = files.get("image")
+    if upload is not None and upload.filename != "":
+        values["image"] = upload.read()
+    return _search_request(values)
+
+
+def _form_int(name: str, text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number, not {text!r}") from None
+
+
+def _form_float(name: str, text: str) -> float:
+    try:
+        number = float(text.strip())
+    except ValueError:
+        raise BadRequest(f"{name} must be a number, not {text!r}") from None
+    if not math.isfinite(number):
+        raise BadRequest(f"{name} must be a finite number")
+    return number
+
+
+def _form_bool(name: str, text: str) -> bool:
+    word = text.strip().lower()
+    if word in TRUE_WORDS | FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise BadRequest(f"{name} must be true or false, not {text!r}")
+
+
+def _form_json(name: str, text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as error:
+        raise BadRequest(f"{name} must be JSON: {error}") from None
+
+
+def _search_request(values: dict[str, Any]) -> SearchRequest:
+    """A search from already-decoded values (JSON types; an uploaded image as bytes)."""
+    text = _typed(values, "query", str)
+    parts = []
+    if text is not None:
+        parts.append(QueryPart(text=text))
+    if "image" in values:
+        parts.append(QueryPart(image=_image_bytes(values["image"], "image")))
+    similar_to = _typed(values, "similar_to", str)
+    if similar_to is not None:
+        parts.append(QueryPart(id=similar_to))
+    parts += _parts(values.get("parts"))
+    if not parts:
+        raise BadRequest("missing query: give query (text), image, similar_to (an image id) or parts")
+    include_images = _choice(values, "include_images", INCLUDE_IMAGES, "thumbnail")
+    query = SearchQuery(
+        parts=parts,
+        top_k=_integer(values, "top_k"),
+        offset=_integer(values, "offset") or 0,
+        min_score=_number(values, "min_score"),
+        cutoff=_choice(values, "cutoff", CUTOFFS, None),
+        filters=_filters(values.get("filters")),
+        mode=_choice(values, "mode", MODES, "vector"),
+        collapse_duplicates=_typed(values, "collapse_duplicates", bool, True),
+    )
+    return SearchRequest(query, text, include_images == "thumbnail")
+
+
+def _typed(values: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    value = values.get(name, default)
+    if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+        raise BadRequest(f"{name} must be {_kind_name(kind)}, not {_json_type(value)}")
+    return value
+
+
+def _integer(values: dict[str, Any], name: str) -> int | None:
+    return _typed(values, name, int)
+
+
+def _number(values: dict[str, Any], name: str) -> float | None:
+    value = values.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"{name} must be a number, not {_json_type(value)}")
+    return float(value)
+
+
+def _choice(values: dict[str, Any], name: str, allowed: tuple[str, ...], default: str | None) -> str | None:
+    value = _typed(values, name, str, default)
+    if value is not None and value not in allowed:
+        raise BadRequest(f"{name} must be one of: {', '.join(allowed)}")
+    return value
+
+
+def _filters(value: Any) -> str | dict[str, Any] | None:
+    if value is None or isinstance(value, str | dict):
+        return value or None
+    raise BadRequest(f"filters must be a string or an object, not {_json_type(value)}")
+
+
+def _image_bytes(value: Any, name: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return data_uri_bytes(value.strip())
+    raise BadRequest(f"{name} must be a data URI or base64 string, not {_json_type(value)}")
+
+
+def _parts(value: Any) -> list[QueryPart]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest(f"parts must be a list of objects, not {_json_type(value)}")
+    return [_part(item, index) for index, item in enumerate(value)]
+
+
+def _part(item: Any, index: int) -> QueryPart:
+    where = f"parts[{index}]"
+    if not isinstance(item, dict):
+        raise BadRequest(f'{where} must be an object like {{"text": "a dog", "weight": 1}}')
+    unknown = sorted(set(item) - PART_FIELDS)
+    if unknown:
+        raise BadRequest(f"{where} has an unknown field {unknown[0]!r}; use text, image or id, and weight")
+    given = [key for key in ("text", "image", "id") if item.get(key) is not None]
+    if len(given) != 1:
+        raise BadRequest(f"{where} must have exactly one of text, image, id")
+    weight = _number(item, "weight")
+    if weight is not None and not -MAX_PART_WEIGHT <= weight <= MAX_PART_WEIGHT:
+        raise BadRequest(f"{where}.weight must be a number from {-MAX_PART_WEIGHT:g} to {MAX_PART_WEIGHT:g}")
+    weight = 1.0 if weight is None else weight
+    if given[0] == "image":
+        return QueryPart(image=_image_bytes(item["image"], f"{where}.image"), weight=weight)
+    value = _typed(item, given[0], str)
+    return QueryPart(**{given[0]: value}, weight=weight)
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", bool: "true or false"}.get(kind, kind.__name__)
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {str: "a string", int: "an integer", float: "a number", list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def json_body(req: Request, required: bool = True) -> Any:
+    """The parsed JSON body, with a clear error when it is not JSON."""
+    raw = req.get_data(cache=True)
+    if not raw.strip():
+        if required:
+            raise BadRequest("the request body is empty: send a JSON object")
+        return None
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadRequest(f"invalid JSON: {error}") from None
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(error=message)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+class Api:
+    """The state behind the routes: the engine, the index job, the thumbnail cache, the limits."""
+
+    def __init__(self, settings: Settings, engine: ImageRetrieval) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.index_job = IndexJob(engine)
+        self.thumbnails = ThumbnailCache()
+        self.rate_limiter = RateLimiter(settings.RATE_LIMIT_PER_MINUTE)
+
+    @property
+    def cache_control(self) -> str:
+        scope = "private" if self.settings.API_TOKEN else "public"
+        return f"{scope}, max-age={CACHE_SECONDS}"
+
+    def health(self) -> dict[str, Any]:
+        self.engine.refresh_if_stale()
+        encoder = self.engine.encoder
+        return {
+            "status": "ok",
+            "images": self.engine.count(),
+            "model": encoder.identity,
+            "device": encoder.device,
+            "collection": self.settings.COLLECTION_NAME,
+            "indexing": self.index_job.state,
+        }
+
+    def search(self, search: SearchRequest) -> dict[str, Any]:
+        result = self.engine.search(search.query)
+        return {
+            "query": search.text,
+            "mode": search.query.mode,
+            "top_k": search.query.top_k or self.settings.TOP_K,
+            "offset": search.query.offset,
+            "results": self._results(result, search.include_images),
+            "total_results": len(result.hits),
+            "has_more": result.has_more,
+        }
+
+    def _results(self, result: SearchResult, include_images: bool) -> list[dict[str, Any]]:
+        results = []
+        for hit in result.hit_dicts():
+            hit["thumbnail_url"] = f"/thumbnails/{hit['id']}"
+            hit["image_url"] = f"/images/{hit['id']}"
+            if include_images:
+                hit["image"] = self._thumbnail_data_uri(hit["id"], hit["metadata"])
+            results.append(hit)
+        return results
+
+    def _thumbnail_data_uri(self, image_id: str, metadata: dict[str, Any]) -> str | None:
+        try:
+            return self.thumbnail(image_id, metadata).data_uri
+        except UnknownImage:
+            log.warning("no thumbnail for %s: its file is gone or unreadable", metadata.get("path"))
+            return None
+
+    def metadata(self, image_id: str) -> dict[str, Any]:
+        metadata = self.engine.catalog.metadata(image_id)
+        if metadata is None:
+            raise UnknownImage(image_id)
+        return metadata
+
+    def thumbnail(self, image_id: str, metadata: dict[str, Any]) -> Thumbnail:
+        size = self.settings.THUMBNAIL_SIZE
+
+        def make() -> bytes:
+            path = self.engine.image_path(image_id)
+            try:
+                return thumbnail_jpeg(path, size, self.settings.MAX_IMAGE_MEGAPIXELS)
+            except (ImageLoadError, OSError) as error:
+                log.warning("cannot make a thumbnail of %s: %s", metadata.get("path"), error)
+                raise UnknownImage(image_id) from None
+
+        return self.thumbnails.get_or_make((content_key(metadata), size), make)
+
+
+def content_key(metadata: dict[str, Any]) -> str:
+    """The content hash of an image, or its path, size and time when no hash is stored."""
+    return metadata.get("content_hash") or f"{metadata.get('path')}:{metadata.get('file_size')}:" + str(
+        metadata.get("modified")
+    )
+
+
+def current_api() -> Api:
+    return current_app.extensions["image_search_api"]
+
+
+# -- the application -----------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None, engine: ImageRetrieval | None = None) -> Flask:
+    """The Flask app over one shared engine (built from `settings` when not given)."""
+    settings = settings or (engine.settings if engine is not None else load_settings())
+    engine = engine or ImageRetrieval(settings, role="api")
+    app = Flask(__name__, static_folder=None)
+    max_bytes = int(settings.MAX_UPLOAD_MB * 1024 * 1024)
+    app.config.update(MAX_CONTENT_LENGTH=max_bytes, MAX_FORM_MEMORY_SIZE=max_bytes)
+    app.json.sort_keys = False
+    app.extensions["image_search_api"] = Api(settings, engine)
+    CORS(
+        app,
+        origins=cors_origin_patterns(settings.cors_origins),
+        allow_headers=["Authorization", "Content-Type", "If-None-Match"],
+        expose_headers=["ETag", "Retry-After"],
+        max_age=600,
+    )
+    app.before_request(guard_request)
+    app.after_request(add_security_headers)
+    _register_error_handlers(app)
+    _register_routes(app)
+    return app
+
+
+def cors_origin_patterns(origins: list[str]) -> list[str | re.Pattern[str]]:
+    """Allowed origins; one given without a port also allows every port of that host."""
+    patterns: list[str | re.Pattern[str]] = []
+    for origin in origins:
+        if origin == "*":
+            patterns.append("*")
+        elif re.search(r":\d+$", origin) or origin == "null":
+            patterns.append(re.compile(re.escape(origin) + "$", re.IGNORECASE))
+        else:
+            patterns.append(re.compile(re.escape(origin) + r"(:\d+)?$", re.IGNORECASE))
+    return patterns
+
+
+def guard_request() -> Response | None:
+    """Rate limit, upload size and token, before any route runs."""
+    api = current_api()
+    retry_after = api.rate_limiter.retry_after(request.remote_addr or "unknown")
+    if retry_after > 0:
+        return error_response(
+            429,
+            f"too many requests: at most {api.settings.RATE_LIMIT_PER_MINUTE} per minute",
+            {"Retry-After": str(math.ceil(retry_after))},
+        )
+    if request.content_length and request.content_length > current_app.config["MAX_CONTENT_LENGTH"]:
+        raise RequestEntityTooLarge()
+    if request.method == "OPTIONS" or not api.settings.API_TOKEN or _is_public(request.path):
+        return None
+    if not _token_matches(request.headers.get("Authorization", ""), api.settings.API_TOKEN):
+        return error_response(
+            401,
+            "missing or wrong token: send Authorization: Bearer <API_TOKEN>",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    return None
+
+
+def _is_public(path: str) -> bool:
+    return (path in PUBLIC_PATHS and request.method in ("GET", "HEAD")) or path.startswith(PUBLIC_PREFIXES)
+
+
+def _token_matches(header: str, token: str) -> bool:
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def add_security_headers(response: Response) -> Response:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response
+
+
+def _register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(BadRequest, lambda error: error_response(400, str(error)))
+    app.register_error_handler(QueryError, lambda error: error_response(400, str(error)))
+    app.register_error_handler(UnknownImage, lambda error: error_response(404, str(error)))
+    app.register_error_handler(StoreUnavailable, _store_unavailable)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _internal_error)
+
+
+def _store_unavailable(error: StoreUnavailable) -> Response:
+    log.warning("store unavailable: %s", error)
+    return error_response(503, f"{error}; try again shortly", {"Retry-After": "5"})
+
+
+def _http_error(error: HTTPException) -> Response:
+    response = error.get_response()
+    response.data = json.dumps({"error": _http_error_message(error)})
+    response.content_type = "application/json"
+    return response
+
+
+def _http_error_message(error: HTTPException) -> str:
+    if error.code == 404:
+        return f"not found: {request.method} {request.path}"
+    if isinstance(error, MethodNotAllowed):
+        allowed = ", ".join(sorted(set(error.valid_methods or []) - {"HEAD", "OPTIONS"}))
+        return f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
+    if error.code == 413:
+        return f"the request is larger than MAX_UPLOAD_MB={current_api().settings.MAX_UPLOAD_MB:g} MB"
+    return f"{error.name}: {error.description}"
+
+
+def _internal_error(error: Exception) -> Response:
+    log.error("error answering %s %s", request.method, request.path, exc_info=error)
+    return error_response(500, "internal server error (details are in the server log)")
+
+
+def _register_routes(app: Flask) -> None:
+    app.add_url_rule("/", "health", health, methods=["GET"])
+    app.add_url_rule("/search", "search", search, methods=["POST"])
+    app.add_url_rule("/thumbnails/<image_id>", "thumbnail", thumbnail, methods=["GET"])
+    app.add_url_rule("/images/<image_id>", "image", image, methods=["GET"])
+    app.add_url_rule("/index", "index_status", index_status, methods=["GET"])
+    app.add_url_rule("/index", "start_index", start_index, methods=["POST"])
+    app.add_url_rule("/openapi.json", "openapi", openapi, methods=["GET"])
+    app.add_url_rule("/ui", "ui", ui, methods=["GET"])
+    app.add_url_rule("/static/<path:filename>", "static_file", static_file, methods=["GET"])
+
+
+# -- routes --------------------------------------------------------------------------------------
+
+
+def health() -> Response:
+    return jsonify(current_api().health())
+
+
+def search() -> Response:
+    return jsonify(current_api().search(parsed_search_request()))
+
+
+def parsed_search_request() -> SearchRequest:
+    mimetype = request.mimetype
+    if mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return search_request_from_form(request.form.to_dict(), request.files.to_dict())
+    if mimetype == "application/json" or mimetype.endswith("+json"):
+        return search_request_from_json(json_body(request))
+    raise BadRequest("send the search as JSON (application/json) or as multipart/form-data")
+
+
+def thumbnail(image_id: str) -> Response:
+    api = current_api()
+    metadata = api.metadata(image_id)
+    etag = f"{content_key(metadata)[:32]}-{api.settings.THUMBNAIL_SIZE}"
+    if request.if_none_match.contains(etag):
+        response = Response(status=304)
+    else:
+        response = Response(api.thumbnail(image_id, metadata).jpeg, mimetype="image/jpeg")
+    response.set_etag(etag)
+    response.headers["Cache-Control"] = api.cache_control
+    return response
+
+
+def image(image_id: str) -> Response:
+    api = current_api()
+    metadata = api.metadata(image_id)
+    path = api.engine.image_path(image_id)
+    response = send_file(path, etag=content_key(metadata)[:64], conditional=True)
+    response.headers["Cache-Control"] = api.cache_control
+    return response
+
+
+def index_status() -> Response:
+    return jsonify(current_api().index_job.status())
+
+
+def start_index() -> Response:
+    job = current_api().index_job
+    if request.mimetype == "application/json" or request.get_data(cache=True).strip():
+        body = json_body(request, required=False)
+    else:
+        body = None
+    metadata = _index_metadata(body)
+    if not job.start(metadata):
+        status = job.status()
+        status["error"] = "an indexing job is already running; follow it with GET /index"
+        return Response(json.dumps(status), status=409, mimetype="application/json")
+    response = jsonify(job.status())
+    response.status_code = 202
+    response.headers["Location"] = "/index"
+    return response
+
+
+def _index_metadata(body: Any) -> list[dict[str, Any]] | None:
+    if body is None:
+        return None
+    if not isinstance(body, dict):
+        raise BadRequest('the body of POST /index must be an object, e.g. {"metadata": [...]}')
+    unknown = sorted(set(body) - {"metadata"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; the only field is metadata")
+    records = body.get("metadata")
+    if records is None:
+        return None
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        raise BadRequest("metadata must be a list of objects, each with a path")
+    return records
+
+
+def openapi() -> Response:
+    return jsonify(openapi_document(current_api().settings))
+
+
+def ui() -> Response:
+    page = ROOT / "index.html"
+    if not page.is_file():
+        return error_response(404, "the web page (index.html) is not installed")
+    response = send_file(page, mimetype="text/html")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+def static_file(filename: str) -> Response:
+    response = send_from_directory(ROOT / "static", filename)
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+# -- OpenAPI -------------------------------------------------------------------------------------
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """An OpenAPI 3.0 description of every endpoint, as this server behaves."""
+    document = {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Semantic image search",
+            "version": "1.0.0",
+            "description": "Search a folder of images by text, by example image, by id and by metadata.",
+        },
+        "paths": _openapi_paths(),
+        "components": {"schemas": _openapi_schemas(settings), "responses": _openapi_error_responses()},
+    }
+    if settings.API_TOKEN:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(code): {"$ref": f"#/components/responses/Error{code}"} for code in (*codes, 429, 500)}
+
+
+def _openapi_paths() -> dict[str, Any]:
+    image_id = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    etag = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}}
+    cached = {"ETag": {"schema": {"type": "string"}}, "Cache-Control": {"schema": {"type": "string"}}}
+    return {
+        "/": {
+            "get": {
+                "summary": "Health and facts about the index (never needs a token)",
+                "security": [],
+                "responses": {
+                    "200": {"description": "ready", "content": _json_content(_ref("Health"))},
+                    **_errors(503),
+                },
+            }
+        },
+        "/search": {
+            "post": {
+                "summary": "Search by text, image, id, weighted parts, with filters and modes",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref("SearchRequest")},
+                        "multipart/form-data": {"schema": _ref("SearchForm")},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "results in rank order",
+                        "content": _json_content(_ref("SearchResponse")),
+                    },
+                    **_errors(400, 401, 404, 413, 503),
+                },
+            }
+        },
+        "/thumbnails/{image_id}": {
+            "get": {
+                "summary": "The thumbnail (JPEG, long side THUMBNAIL_SIZE) of an indexed image",
+                "parameters": [image_id, etag],
+                "responses": {
+                    "200": {
+                        "description": "the thumbnail",
+                        "headers": cached,
+                        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "304": {
+                        "description": "not modified (If-None-Match matched the ETag)",
+                        "headers": cached,
+                    },
+                    **_errors(401, 404),
+                },
+            }
+        },
+        "/images/{image_id}": {
+            "get": {
+                "summary": "The original file of an indexed image",
+                "parameters": [image_id, etag],
+                "responses": {
+                    "200": {
+                        "description": "the image file",
+                        "headers": cached,
+                        "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "304": {
+                        "description": "not modified (If-None-Match matched the ETag)",
+                        "headers": cached,
+                    },
+                    **_errors(401, 404),
+                },
+            }
+        },
+        "/index": {
+            "get": {
+                "summary": "Progress of the current or last indexing job",
+                "responses": {
+                    "200": {"description": "job status", "content": _json_content(_ref("IndexStatus"))},
+                    **_errors(401),
+                },
+            },
+            "post": {
+                "summary": "Start indexing the dataset folder in the background (one job at a time)",
+                "requestBody": {"required": False, "content": _json_content(_ref("IndexRequest"))},
+                "responses": {
+                    "202": {"description": "started", "content": _json_content(_ref("IndexStatus"))},
+                    "409": {
+                        "description": "a job is already running",
+                        "content": _json_content(_ref("IndexStatus")),
+                    },
+                    **_errors(400, 401, 413),
+                },
+            },
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.0 document",
+                        "content": _json_content({"type": "object"}),
+                    },
+                    **_errors(401),
+                },
+            }
+        },
+        "/ui": {
+            "get": {
+                "summary": "The web page (never needs a token)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "index.html",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(404),
+                },
+            }
+        },
+        "/static/{filename}": {
+            "get": {
+                "summary": "Files of the web page (never need a token)",
+                "security": [],
+                "parameters": [
+                    {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
+                    **_errors(404),
+                },
+            }
+        },
+    }
+
+
+def _openapi_schemas(settings: Settings) -> dict[str, Any]:
+    text = {"type": "string", "minLength": 1, "maxLength": settings.MAX_QUERY_CHARS, "pattern": r"\S"}
+    number = {"type": "number"}
+    search_fields = {
+        "query": {**text, "description": "text query"},
+        "image": {"type": "string", "description": "query image as a data URI or base64"},
+        "similar_to": {"type": "string", "description": "id of an indexed image"},
+        "parts": {"type": "array", "maxItems": settings.MAX_QUERY_PARTS, "items": _ref("QueryPart")},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": settings.MAX_TOP_K, "default": settings.TOP_K},
+        "offset": {"type": "integer", "minimum": 0, "maximum": settings.MAX_OFFSET, "default": 0},
+        "min_score": {"type": "number", "minimum": -1, "maximum": 1},
+        "cutoff": {"type": "string", "enum": list(CUTOFFS)},
+        "filters": {
+            "oneOf": [{"type": "string"}, {"type": "object"}],
+            "description": 'e.g. \'tags contains dog and width >= 500\' or {"tags": {"$contains": "dog"}}',
+        },
+        "mode": {"type": "string", "enum": list(MODES), "default": "vector"},
+        "collapse_duplicates": {"type": "boolean", "default": True},
+        "include_images": {"type": "string", "enum": list(INCLUDE_IMAGES), "default": "thumbnail"},
+    }
+    form_fields = {
+        **search_fields,
+        "image": {"type": "string", "format": "binary", "description": "query image file"},
+        "parts": {"type": "string", "description": "the parts array as JSON text"},
+        "filters": {"type": "string"},
+        "collapse_duplicates": {"type": "string", "enum": ["true", "false"]},
+    }
+    one_query = [{"required": [name]} for name in ("query", "image", "similar_to", "parts")]
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "QueryPart": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "text": text,
+                "image": {"type": "string"},
+                "id": {"type": "string"},
+                "weight": {**number, "minimum": -MAX_PART_WEIGHT, "maximum": MAX_PART_WEIGHT, "default": 1},
+            },
+            "oneOf": [{"required": ["text"]}, {"required": ["image"]}, {"required": ["id"]}],
+        },
+        "SearchRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": search_fields,
+            "anyOf": one_query,
+        },
+        "SearchForm": {"type": "object", "properties": form_fields, "anyOf": one_query},
+        "Hit": _hit_schema(),
+        "SearchResponse": {
+            "type": "object",
+            "required": ["query", "mode", "top_k", "offset", "results", "total_results", "has_more"],
+            "properties": {
+                "query": {"type": "string", "nullable": True},
+                "mode": {"type": "string", "enum": list(MODES)},
+                "top_k": {"type": "integer"},
+                "offset": {"type": "integer"},
+                "results": {"type": "array", "items": _ref("Hit")},
+                "total_results": {"type": "integer"},
+                "has_more": {"type": "boolean"},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "images", "model", "device", "collection", "indexing"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ok"]},
+                "images": {"type": "integer"},
+                "model": {"type": "string"},
+                "device": {"type": "string"},
+                "collection": {"type": "string"},
+                "indexing": {"type": "string", "enum": ["idle", "running", "done", "failed"]},
+            },
+        },
+        "IndexRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "metadata": {
+                    "type": "array",
+                    "description": "custom metadata records to merge after indexing",
+                    "items": {"type": "object", "properties": {"path": {"type": "string"}}},
+                }
+            },
+        },
+        "IndexStatus": _index_status_schema(),
+    }
+
+
+def _hit_schema() -> dict[str, Any]:
+    nullable_int = {"type": "integer", "nullable": True}
+    nullable_number = {"type": "number", "nullable": True}
+    return {
+        "type": "object",
+        "required": ["id", "path", "score", "rank", "metadata", "duplicates", "thumbnail_url", "image_url"],
+        "properties": {
+            "id": {"type": "string"},
+            "path": {"type": "string", "description": "relative to the dataset folder"},
+            "score": {"type": "number"},
+            "rank": {"type": "integer", "minimum": 1},
+            "metadata": {"type": "object"},
+            "duplicates": {"type": "array", "items": {"type": "string"}},
+            "why": {
+                "type": "object",
+                "description": "keyword and hybrid modes: why the image matched",
+                "properties": {
+                    "vector_rank": nullable_int,
+                    "vector_score": nullable_number,
+                    "keyword_rank": nullable_int,
+                    "keyword_score": nullable_number,
+                    "matched_terms": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "image": {
+                "type": "string",
+                "nullable": True,
+                "description": "thumbnail as a data URI (absent with include_images=none)",
+            },
+            "thumbnail_url": {"type": "string"},
+            "image_url": {"type": "string"},
+        },
+    }
+
+
+def _index_status_schema() -> dict[str, Any]:
+    failure = {
+        "type": "object",
+        "required": ["path", "reason"],
+        "properties": {"path": {"type": "string"}, "reason": {"type": "string"}},
+    }
+    nullable_text = {"type": "string", "nullable": True}
+    return {
+        "type": "object",
+        "required": ["state", "total", "done", "images_per_second", "failures", "summary", "summary_line"],
+        "properties": {
+            "state": {"type": "string", "enum": ["idle", "running", "done", "failed"]},
+            "total": {"type": "integer"},
+            "done": {"type": "integer"},
+            "images_per_second": {"type": "number"},
+            "failures": {"type": "array", "items": failure},
+            "summary": {"type": "object", "nullable": True},
+            "summary_line": nullable_text,
+            "metadata_line": nullable_text,
+            "error": nullable_text,
+            "started_at": nullable_text,
+            "finished_at": nullable_text,
+        },
+    }
+
+
+def _openapi_error_responses() -> dict[str, Any]:
+    meanings = {
+        400: "invalid request (bad JSON, wrong types, bad filter, bad image, query too long)",
+        401: "missing or wrong token",
+        404: "unknown id or route",
+        413: "request larger than MAX_UPLOAD_MB",
+        429: "rate limit (RATE_LIMIT_PER_MINUTE) exceeded",
+        500: "internal error",
+        503: "the Chroma server is not answering",
+    }
+    return {
+        f"Error{code}": {"description": meaning, "content": _json_content(_ref("Error"))}
+        for code, meaning in meanings.items()
+    }
+
+
+# -- running the server --------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve the semantic image search HTTP API.")
+    parser.add_argument("--host", help="address to bind (API_HOST)")
+    parser.add_argument("--port", type=int, help="port (API_PORT)")
+    parser.add_argument("--dataset", help="folder of images (DATASET_FOLDER)")
+    parser.add_argument("--model", help="CLIP model name or checkpoint path (MODEL_NAME)")
+    parser.add_argument("--db", help="database folder (CHROMA_DB_PATH)")
+    parser.add_argument("--collection", help="collection name (COLLECTION_NAME)")
+    parser.add_argument("--device", help="cpu, cuda or auto (DEVICE)")
+    parser.add_argument("--threads", type=int, help="request threads (API_THREADS)")
+    args = parser.parse_args(argv)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        parser.error("--port must be from 0 to 65535")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        API_HOST=args.host,
+        API_PORT=args.port,
+        DATASET_FOLDER=args.dataset,
+        MODEL_NAME=args.model,
+        CHROMA_DB_PATH=args.db,
+        COLLECTION_NAME=args.collection,
+        DEVICE=args.device,
+        API_THREADS=args.threads,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL at which a process on this machine reaches the server."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def announce_owner(engine: ImageRetrieval, url: str) -> None:
+    """Tell other processes (embed_images.py) that this server owns the database, and where it is."""
+    if engine.db_lock is not None:
+        engine.db_lock.write_owner(
+            {**engine.db_lock.owner, "role": "api", "url": url, "dataset": str(engine.dataset_root)}
+        )
+
+
+def serve(settings: Settings, engine: ImageRetrieval) -> None:
+    import waitress
+
+    server = waitress.create_server(
+        create_app(settings, engine),
+        host=settings.API_HOST,
+        port=settings.API_PORT,
+        threads=settings.API_THREADS,
+    )
+    url = local_url(str(server.effective_host), int(server.effective_port))
+    announce_owner(engine, url)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    log.info("serving %d images at %s", engine.count(), url)
+    try:
+        server.run()
+    except (KeyboardInterrupt, SystemExit):
+        log.info("stopping")
+    finally:
+        server.close()
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from clip_encoder import ModelLoadError
+
+    try:
+        settings = settings_from(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not is_loopback(settings.API_HOST) and not settings.API_TOKEN:
+        log.warning("binding to %s without API_TOKEN: anyone who can reach it can search", settings.API_HOST)
+    try:
+        engine = ImageRetrieval(settings, role="api")
+    except (StoreError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        serve(settings, engine)
+    except OSError as error:
+        print(f"error: cannot listen on {settings.API_HOST}:{settings.API_PORT}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

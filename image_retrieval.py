@@ -57,11 +57,12 @@ class ModelMismatch(StoreError):
 
 @dataclass
 class QueryPart:
-    """One part of a query: a text, an image (bytes or a file path) or the id of an indexed image."""
+    """One part of a query: a text, an image (bytes or a file path), an indexed image's id, or a vector."""
 
     text: str | None = None
     image: bytes | Path | None = None
     id: str | None = None
+    vector: np.ndarray | None = None
     weight: float = 1.0
 
 
@@ -359,10 +360,10 @@ class ImageRetrieval:
         self.refresh_if_stale()
         image_filter = _parse_filter(query.filters)
         exclude = frozenset(part.id for part in query.parts if part.id is not None)
-        vector = self.query_vector(query.parts)
         keyword_text = " ".join(part.text for part in query.parts if part.text and part.weight > 0)
         if query.mode != "vector" and not keyword_text.strip():
             raise QueryError(f"{query.mode} search needs a text query")
+        vector = self.query_vector(query.parts)
         mask = self.catalog.mask(image_filter) if image_filter else None
         need = query.offset + top_k
         fetch = max(MIN_CANDIDATES, 3 * need)
@@ -395,9 +396,13 @@ class ImageRetrieval:
         if len(query.parts) > settings.MAX_QUERY_PARTS:
             raise QueryError(f"a query has at most {settings.MAX_QUERY_PARTS} parts")
         for part in query.parts:
-            given = sum(value is not None for value in (part.text, part.image, part.id))
+            given = sum(value is not None for value in (part.text, part.image, part.id, part.vector))
             if given != 1:
-                raise QueryError("each query part is exactly one of: text, image, id")
+                raise QueryError("each query part is exactly one of: text, image, id, vector")
+            if part.vector is not None and np.shape(part.vector) != (self.encoder.dim,):
+                raise QueryError(f"a query vector has {self.encoder.dim} numbers")
+            if not isinstance(part.weight, (int, float)) or not np.isfinite(part.weight):
+                raise QueryError("a query part's weight must be a finite number")
             if part.text is not None and not part.text.strip():
                 raise QueryError("the text query is empty")
             if part.text is not None and len(part.text) > settings.MAX_QUERY_CHARS:
@@ -421,9 +426,12 @@ class ImageRetrieval:
                 if stored is None:
                     raise UnknownImage(part.id)
                 vectors.append((part.weight, stored))
+            elif part.vector is not None:
+                given = np.asarray(part.vector, dtype=np.float32)
+                vectors.append((part.weight, given / max(float(np.linalg.norm(given)), 1e-12)))
         combined = sum(weight * vector for weight, vector in vectors)
         norm = float(np.linalg.norm(combined))
-        if norm < 1e-6:
+        if not np.isfinite(norm) or norm < 1e-6:
             raise QueryError("the query parts cancel each other out")
         return (combined / norm).astype(np.float32)
 

@@ -1,9 +1,11 @@
 """Keyword search over file name, folder, description and tags: SQLite FTS5 with BM25 ranking.
 
-Matching is case-insensitive and accent-insensitive. Query words of three letters or more also match
-as word prefixes ("sun" finds "sunset.jpg"); file names are split at underscores, dashes, dots,
-digit/letter and camelCase boundaries, so parts of a name are words of their own. A few English
-function words ("a", "the", "of" ...) are ignored in queries.
+Matching is case-insensitive and accent-insensitive, with English stemming ("dogs" finds "dog").
+Inside file names, query words of three letters or more also match as word prefixes ("sun" finds
+"sunset.jpg"); file names are split at underscores, dashes, dots, digit/letter and camelCase
+boundaries, so parts of a name are words of their own. A few English function words ("a", "the",
+"of" ...) are ignored in queries. A word written `field:word` (fields: name, folder, description,
+tags) only matches in that field: `tags:dog` finds images tagged dog.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ STOP_WORDS = frozenset(
 PREFIX_MIN_LENGTH = 3
 # BM25 weights of the columns id, name, folder, description, tags (id is not searched).
 COLUMN_WEIGHTS = (0.0, 2.0, 1.0, 1.0, 3.0)
+FIELDS = ("name", "folder", "description", "tags")
 _WORD = re.compile(r"\w+", re.UNICODE)
+_TERM = re.compile(r"(?:(" + "|".join(FIELDS) + r"):)?(\w+)", re.UNICODE)
 _NAME_PARTS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+|[^\W\d_]+", re.UNICODE)
 
 
@@ -65,9 +69,27 @@ def fold(text: str) -> str:
     return "".join(char for char in decomposed if not unicodedata.combining(char))
 
 
-def query_terms(query: str) -> list[str]:
-    terms = [term for term in _WORD.findall(fold(query)) if term not in STOP_WORDS]
-    return list(dict.fromkeys(terms))
+@dataclass(frozen=True)
+class Term:
+    word: str
+    field: str | None = None
+
+    def expression(self) -> str:
+        """The FTS5 query of this word: the stemmed word, and a prefix of file-name words."""
+        quoted = '"' + self.word.replace('"', '""') + '"'
+        if self.field:
+            whole = f"{self.field} : {quoted}"
+            return f"({whole} OR name : {quoted}*)" if self.field == "name" and self._prefix else whole
+        return f"({quoted} OR name : {quoted}*)" if self._prefix else quoted
+
+    @property
+    def _prefix(self) -> bool:
+        return len(self.word) >= PREFIX_MIN_LENGTH
+
+
+def query_terms(query: str) -> list[Term]:
+    found = _TERM.findall(fold(query))
+    return list(dict.fromkeys(Term(word, field or None) for field, word in found if word not in STOP_WORDS))
 
 
 def name_words(name: str) -> str:
@@ -95,7 +117,7 @@ class KeywordIndex:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
         self._db.execute(
             "CREATE VIRTUAL TABLE docs USING fts5("
-            "id UNINDEXED, name, folder, description, tags, tokenize='unicode61 remove_diacritics 2')"
+            "id UNINDEXED, name, folder, description, tags, tokenize='porter unicode61 remove_diacritics 2')"
         )
 
     def put(self, items: list[tuple[str, dict[str, Any]]]) -> None:
@@ -109,35 +131,25 @@ class KeywordIndex:
             self._db.executemany("DELETE FROM docs WHERE id = ?", [(image_id,) for image_id in ids])
 
     def search(self, query: str, limit: int | None = None) -> list[KeywordHit]:
-        """Images matching any query word, best BM25 score first."""
+        """Images matching any query word, best BM25 score first, with the words each one matched."""
         terms = query_terms(query)
         if not terms:
             return []
-        match = " OR ".join(_match_expression(term) for term in terms)
         weights = ", ".join(str(weight) for weight in COLUMN_WEIGHTS)
-        sql = (
-            f"SELECT id, -bm25(docs, {weights}), name, folder, description, tags "
-            "FROM docs WHERE docs MATCH ? ORDER BY bm25(docs, " + weights + ")"
-        )
+        sql = f"SELECT id, -bm25(docs, {weights}) FROM docs WHERE docs MATCH ? ORDER BY bm25(docs, {weights})"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         with self._lock:
-            rows = self._db.execute(sql, (match,)).fetchall()
+            rows = self._db.execute(sql, (" OR ".join(term.expression() for term in terms),)).fetchall()
+            matching = {term.word: self._ids_matching(term) for term in terms}
         return [
-            KeywordHit(row[0], rank, float(row[1]), _matched(terms, " ".join(row[2:])))
-            for rank, row in enumerate(rows, start=1)
+            KeywordHit(
+                image_id, rank, float(score), tuple(word for word, ids in matching.items() if image_id in ids)
+            )
+            for rank, (image_id, score) in enumerate(rows, start=1)
         ]
 
-
-def _match_expression(term: str) -> str:
-    quoted = '"' + term.replace('"', '""') + '"'
-    return quoted + "*" if len(term) >= PREFIX_MIN_LENGTH else quoted
-
-
-def _matched(terms: list[str], text: str) -> tuple[str, ...]:
-    words = set(_WORD.findall(fold(text)))
-    return tuple(
-        term
-        for term in terms
-        if term in words or (len(term) >= PREFIX_MIN_LENGTH and any(word.startswith(term) for word in words))
-    )
+    def _ids_matching(self, term: Term) -> set[str]:
+        return {
+            row[0] for row in self._db.execute("SELECT id FROM docs WHERE docs MATCH ?", (term.expression(),))
+        }

@@ -58,8 +58,8 @@ def _json_records(text: str, path: Path) -> list[dict[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise MetadataFileError(f"metadata file {path} is not valid JSON: {error}") from None
-    if isinstance(data, dict):
-        data = [{"path": key, **value} for key, value in data.items() if isinstance(value, dict)]
+    if isinstance(data, dict) and all(isinstance(value, dict) for value in data.values()):
+        data = [{"path": key, **value} for key, value in data.items()]
     if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
         raise MetadataFileError(f"metadata file {path} must hold a list of objects with a 'path' key")
     return [_normalised(record, path, number) for number, record in enumerate(data, start=1)]

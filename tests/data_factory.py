@@ -15,14 +15,14 @@ CATEGORIES = ["dog", "cat", "car", "person", "boat", "pizza", "bicycle", "bird"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 
 
-def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A CLIP with tiny widths and random weights, saved as a state dict."""
+def write_tiny_checkpoint(path: Path, seed: int = 0, embed_dim: int = 32) -> Path:
+    """A CLIP with tiny widths and random weights (real 224 px input), saved as a state dict."""
     import torch
     from clip.model import CLIP
 
     torch.manual_seed(seed)
     model = CLIP(
-        embed_dim=32,
+        embed_dim=embed_dim,
         image_resolution=224,
         vision_layers=2,
         vision_width=64,

@@ -611,14 +611,9 @@
     const mode = data.mode || effectiveMode();
     setStatus(
       "results",
-      node("span", { class: "summary" }, `Results ${first}–${first + results.length - 1}`, describeTotal(data)),
-      node("span", { class: "mode-badge", text: `${mode} search` }),
+      node("span", { class: "summary", text: `Results ${first}–${first + results.length - 1}` }),
+      node("span", { class: "mode-badge", text: `${mode[0].toUpperCase()}${mode.slice(1)} search` }),
     );
-  }
-
-  function describeTotal(data) {
-    const total = Number(data.total_results);
-    return Number.isFinite(total) && total > 0 && data.has_more ? ` of ${total}` : "";
   }
 
   function showNoResults() {
@@ -722,7 +717,12 @@
           "span",
           { class: "card-body" },
           node("span", { class: "card-name", title: hit.path, text: fileName(hit) }),
-          node("span", { class: "card-score", title: "Similarity score" }, node("span", { class: "visually-hidden", text: "score " }), formatScore(hit.score)),
+          node(
+            "span",
+            { class: "card-meta" },
+            node("span", { class: "card-score-label", text: "score" }),
+            node("span", { class: "card-score", title: "Similarity score", text: formatScore(hit.score) }),
+          ),
         ),
         whyLine(hit),
       ),
@@ -846,7 +846,7 @@
     el.preview.dataset.id = hit.id;
     el.previewTitle.textContent = fileName(hit);
     el.previewImage.alt = altText(hit);
-    el.previewPosition.textContent = `Result ${hit.rank ?? index + 1} · ${index + 1} of ${view.results.length} on this page`;
+    el.previewPosition.textContent = `Rank ${hit.rank ?? index + 1} · result ${index + 1} of ${view.results.length} on this page`;
     const description = (hit.metadata || {}).description;
     el.previewDescription.textContent = description || "";
     el.previewDescription.hidden = !description;

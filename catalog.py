@@ -42,7 +42,9 @@ class Catalog:
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._rows
 
-    def put(self, ids: list[str], vectors: np.ndarray, metadatas: list[dict[str, Any]]) -> None:
+    def put(
+        self, ids: list[str], vectors: np.ndarray, metadatas: list[dict[str, Any]], keywords: bool = True
+    ) -> None:
         with self._lock:
             self._reserve(sum(1 for image_id in ids if image_id not in self._rows))
             for image_id, vector, metadata in zip(ids, vectors, metadatas, strict=True):
@@ -55,7 +57,8 @@ class Catalog:
                 self._vectors[row] = vector
                 self._metas[row] = dict(metadata)
             self._version += 1
-        self.keywords.put(list(zip(ids, metadatas, strict=True)))
+        if keywords:
+            self.keywords.put(list(zip(ids, metadatas, strict=True)))
 
     def update_metadata(self, ids: list[str], metadatas: list[dict[str, Any]]) -> None:
         with self._lock:

@@ -246,8 +246,10 @@ class ImageRetrieval:
                 list(records["ids"]),
                 np.asarray(records["embeddings"], dtype=np.float32),
                 list(records["metadatas"]),
+                keywords=False,
             )
             offset += len(records["ids"])
+        catalog.keywords.build_in_background(catalog.items())
         self._stamp = (self.collection.metadata or {}).get("stamp", "")
         log.info("collection %s: %d images", self.settings.COLLECTION_NAME, len(catalog))
         return catalog
@@ -579,7 +581,10 @@ class ImageRetrieval:
         metadata = self.catalog.metadata(image_id)
         if metadata is None:
             raise UnknownImage(image_id)
-        path = (self.dataset_root / metadata["path"]).resolve()
+        try:
+            path = (self.dataset_root / metadata["path"]).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            raise UnknownImage(image_id) from None
         if not path.is_relative_to(self.dataset_root) or not path.is_file():
             raise UnknownImage(image_id)
         return path

@@ -460,7 +460,10 @@ def test_recall_against_exact_search_on_100k_clustered_vectors(tmp_path):
     with ImageRetrieval(make_settings(tmp_path, dataset, checkpoint)) as engine:
         vectors, _ = clustered_vectors(100_000, 512)
         ids = [f"v{i}" for i in range(len(vectors))]
-        metadatas = [{"path": f"{i}.jpg", "name": f"{i}.jpg", "folder": "", "bucket": i % 100} for i in ids]
+        metadatas = [
+            {"path": f"{name}.jpg", "name": f"{name}.jpg", "folder": "", "bucket": i % 100}
+            for i, name in enumerate(ids)
+        ]
         for start in range(0, len(ids), 5000):
             end = start + 5000
             engine.write(ids[start:end], vectors[start:end], metadatas[start:end])

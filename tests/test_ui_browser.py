@@ -314,7 +314,8 @@ def test_no_results_and_api_errors_are_explained(page, server):
     assert "remove a filter" in page.locator("#status").inner_text()
 
     open_search(page, ui_url(server, q="a cat", filters="width >>> 3"))
-    error = requests.post(f"{server.url}/search", json={"query": "a cat", "filters": "width >>> 3"}, timeout=30)
+    body = {"query": "a cat", "filters": "width >>> 3"}
+    error = requests.post(f"{server.url}/search", json=body, timeout=30)
     assert error.status_code == 400
     message = page.locator('#status[data-kind="error"]').inner_text()
     assert message.startswith("The search failed: ") and error.json()["error"] in message

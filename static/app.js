@@ -166,8 +166,8 @@
 
   function clampTopK(value) {
     const number = Math.round(Number(value));
-    if (!Number.isFinite(number) || number < 1) return DEFAULT_TOP_K;
-    return Math.min(number, maxTopK);
+    if (String(value).trim() === "" || !Number.isFinite(number)) return DEFAULT_TOP_K;
+    return Math.max(1, Math.min(number, maxTopK));
   }
 
   function parseMinScore(value) {

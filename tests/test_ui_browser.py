@@ -143,7 +143,16 @@ def test_text_search_shows_top_k_cards_in_api_order(page, server):
     page.goto(ui_url(server))
     page.fill("#top-k", "7")
     page.fill("#query", "a living room with a couch")
+    page.evaluate(
+        """() => {
+            window.__statusKinds = [];
+            const status = document.querySelector("#status");
+            new MutationObserver(() => window.__statusKinds.push(status.dataset.kind))
+                .observe(status, {attributes: true, attributeFilter: ["data-kind"]});
+        }"""
+    )
     wait_for_search(page, lambda: page.press("#query", "Enter"))
+    assert page.evaluate("window.__statusKinds") == ["loading", "results"]
 
     expected = api_search(server, query="a living room with a couch", top_k=7)
     assert card_ids(page) == [hit["id"] for hit in expected]

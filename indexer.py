@@ -149,7 +149,8 @@ class Indexer:
                 "all (is the folder mounted?). Use --rebuild to start an empty index on purpose."
             )
         plan = self._plan(files, known)
-        self.progress = IndexProgress("running", len(plan.encode), 0, time.monotonic())
+        scan_failures = self.progress.failures
+        self.progress = IndexProgress("running", len(plan.encode), 0, time.monotonic(), scan_failures)
         self._on_progress(self.progress)
         self._apply_copies(plan.copies)
         self._apply_touches(plan.touches)
@@ -170,6 +171,9 @@ class Indexer:
                 if not path.resolve().is_relative_to(self.root):
                     raise ImageLoadError("points outside the dataset folder")
                 stat = path.stat()
+            except RuntimeError:  # how Python 3.11's Path.resolve reports a symlink loop
+                self._fail(relative, "symlink loop")
+                continue
             except (OSError, ImageLoadError) as error:
                 self._fail(relative, getattr(error, "strerror", None) or str(error))
                 continue

@@ -17,6 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 # Decode at least this multiple of the model's input size so that draft decoding stays faithful.
 DRAFT_MARGIN = 2
+# Images longer than this multiple of their short side are cropped around the centre before encoding.
+MAX_ASPECT_RATIO = 4
 
 Image.MAX_IMAGE_PIXELS = None  # the megapixel limit is enforced by `open_image` itself
 
@@ -101,9 +103,23 @@ def decode_for_model(
             warnings.simplefilter("ignore")
             image.load()
             image = ImageOps.exif_transpose(image) or image
-            return to_rgb(image), facts
+            return _model_view(to_rgb(image)), facts
     except (OSError, ValueError, SyntaxError) as error:
         raise ImageLoadError(f"corrupt or truncated image data ({error})") from None
+
+
+def _model_view(image: Image.Image) -> Image.Image:
+    """The centre of a very elongated image, with a margin: all that the model's centre crop sees.
+
+    Without it, scaling the short side of a 10000x3 strip up to the model's input would allocate gigabytes.
+    """
+    short, long = min(image.size), max(image.size)
+    keep = 2 * short + 8
+    if long <= MAX_ASPECT_RATIO * short or long <= keep:
+        return image
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, short) if image.width > image.height else (0, start, short, start + keep)
+    return image.crop(box)
 
 
 def _upright_size(image: Image.Image) -> tuple[int, int]:

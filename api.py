@@ -29,7 +29,7 @@ from typing import Any
 
 from flask import Flask, Request, Response, current_app, jsonify, request, send_file, send_from_directory
 from flask_cors import CORS
-from werkzeug.datastructures import FileStorage
+from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from config import Settings, load_settings
@@ -66,6 +66,8 @@ SEARCH_FIELDS = frozenset(
     }
 )
 PART_FIELDS = frozenset({"text", "image", "id", "weight"})
+# Form fields that a form may send empty to mean "not given"; others must hold a value when sent.
+BLANK_MEANS_ABSENT = frozenset({"query", "image", "similar_to", "parts", "filters"})
 MAX_PART_WEIGHT = 10.0
 INCLUDE_IMAGES = ("thumbnail", "none")
 MODES = ("vector", "keyword", "hybrid")
@@ -260,11 +262,18 @@ def search_request_from_json(body: Any) -> SearchRequest:
     return _search_request({key: value for key, value in body.items() if value is not None})
 
 
-def search_request_from_form(form: dict[str, str], files: dict[str, FileStorage]) -> SearchRequest:
+def search_request_from_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage]) -> SearchRequest:
     unknown = sorted((set(form) | set(files)) - SEARCH_FIELDS)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(SEARCH_FIELDS))}")
-    values: dict[str, Any] = {key: text for key, text in form.items() if text.strip()}
+    repeated = [key for key, items in [*form.lists(), *files.lists()] if len(items) > 1]
+    if repeated or set(form) & set(files):
+        raise BadRequest(
+            f"the field {(repeated or sorted(set(form) & set(files)))[0]!r} is given more than once"
+        )
+    values: dict[str, Any] = {
+        key: text for key, text in form.items() if text != "" or key not in BLANK_MEANS_ABSENT
+    }
     for name, parse in (("top_k", _form_int), ("offset", _form_int), ("min_score", _form_float)):
         if name in values:
             values[name] = parse(name, values[name])
@@ -421,13 +430,11 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in JSON")
 
 
-def json_body(req: Request, required: bool = True) -> Any:
+def json_body(req: Request) -> Any:
     """The parsed JSON body, with a clear error when it is not JSON."""
     raw = req.get_data(cache=True)
     if not raw.strip():
-        if required:
-            raise BadRequest("the request body is empty: send a JSON object")
-        return None
+        raise BadRequest("the request body is empty: send a JSON object")
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as error:
@@ -670,7 +677,7 @@ def search() -> Response:
 def parsed_search_request() -> SearchRequest:
     mimetype = request.mimetype
     if mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return search_request_from_form(request.form.to_dict(), request.files.to_dict())
+        return search_request_from_form(request.form, request.files)
     if mimetype == "application/json" or mimetype.endswith("+json"):
         return search_request_from_json(json_body(request))
     raise BadRequest("send the search as JSON (application/json) or as multipart/form-data")
@@ -704,11 +711,8 @@ def index_status() -> Response:
 
 def start_index() -> Response:
     job = current_api().index_job
-    if request.mimetype == "application/json" or request.get_data(cache=True).strip():
-        body = json_body(request, required=False)
-    else:
-        body = None
-    metadata = _index_metadata(body)
+    has_body = bool(request.get_data(cache=True).strip())
+    metadata = _index_metadata(json_body(request)) if has_body else None
     if not job.start(metadata):
         status = job.status()
         status["error"] = "an indexing job is already running; follow it with GET /index"
@@ -720,8 +724,6 @@ def start_index() -> Response:
 
 
 def _index_metadata(body: Any) -> list[dict[str, Any]] | None:
-    if body is None:
-        return None
     if not isinstance(body, dict):
         raise BadRequest('the body of POST /index must be an object, e.g. {"metadata": [...]}')
     unknown = sorted(set(body) - {"metadata"})
@@ -732,7 +734,19 @@ def _index_metadata(body: Any) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
         raise BadRequest("metadata must be a list of objects, each with a path")
+    for number, record in enumerate(records):
+        _check_metadata_record(record, f"metadata[{number}]")
     return records
+
+
+def _check_metadata_record(record: dict[str, Any], where: str) -> None:
+    path = record.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise BadRequest(f"{where} needs a path: the image's path relative to the dataset folder")
+    for key, value in record.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str | int | float) for item in values):
+            raise BadRequest(f"{where}.{key} must be text, a number, true/false or a list of those")
 
 
 def openapi() -> Response:
@@ -924,7 +938,7 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
     number = {"type": "number"}
     search_fields = {
         "query": {**text, "description": "text query"},
-        "image": {"type": "string", "description": "query image as a data URI or base64"},
+        "image": {"type": "string", "minLength": 1, "description": "query image as a data URI or base64"},
         "similar_to": {"type": "string", "description": "id of an indexed image"},
         "parts": {"type": "array", "maxItems": settings.MAX_QUERY_PARTS, "items": _ref("QueryPart")},
         "top_k": {"type": "integer", "minimum": 1, "maximum": settings.MAX_TOP_K, "default": settings.TOP_K},
@@ -939,14 +953,22 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
         "collapse_duplicates": {"type": "boolean", "default": True},
         "include_images": {"type": "string", "enum": list(INCLUDE_IMAGES), "default": "thumbnail"},
     }
+    json_fields = {name: _nullable(schema) for name, schema in search_fields.items()}
     form_fields = {
         **search_fields,
+        "query": {
+            "type": "string",
+            "maxLength": settings.MAX_QUERY_CHARS,
+            "pattern": r"^$|\S",
+            "description": "text query; an empty form field counts as not given",
+        },
         "image": {"type": "string", "format": "binary", "description": "query image file"},
         "parts": {"type": "string", "description": "the parts array as JSON text"},
         "filters": {"type": "string"},
         "collapse_duplicates": {"type": "string", "enum": ["true", "false"]},
     }
     one_query = [{"required": [name]} for name in ("query", "image", "similar_to", "parts")]
+    scalar = {"oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
     return {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "QueryPart": {
@@ -954,7 +976,7 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "text": text,
-                "image": {"type": "string"},
+                "image": {"type": "string", "minLength": 1},
                 "id": {"type": "string"},
                 "weight": {**number, "minimum": -MAX_PART_WEIGHT, "maximum": MAX_PART_WEIGHT, "default": 1},
             },
@@ -963,10 +985,16 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
         "SearchRequest": {
             "type": "object",
             "additionalProperties": False,
-            "properties": search_fields,
+            "properties": json_fields,
             "anyOf": one_query,
         },
-        "SearchForm": {"type": "object", "properties": form_fields, "anyOf": one_query},
+        "SearchForm": {
+            "type": "object",
+            "properties": form_fields,
+            "anyOf": [
+                {**branch, "properties": {branch["required"][0]: {"minLength": 1}}} for branch in one_query
+            ],
+        },
         "Hit": _hit_schema(),
         "SearchResponse": {
             "type": "object",
@@ -999,13 +1027,30 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
             "properties": {
                 "metadata": {
                     "type": "array",
+                    "nullable": True,
                     "description": "custom metadata records to merge after indexing",
-                    "items": {"type": "object", "properties": {"path": {"type": "string"}}},
+                    "items": {
+                        "type": "object",
+                        "required": ["path"],
+                        "properties": {"path": {"type": "string", "pattern": r"\S"}},
+                        "additionalProperties": {
+                            "oneOf": [scalar, {"type": "array", "items": scalar}],
+                        },
+                    },
                 }
             },
         },
         "IndexStatus": _index_status_schema(),
     }
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema that also allows null (the API treats null as not given)."""
+    if "oneOf" in schema:
+        return {**schema, "oneOf": [_nullable(schema["oneOf"][0]), *schema["oneOf"][1:]]}
+    if "enum" in schema:
+        return {**schema, "enum": [*schema["enum"], None], "nullable": True}
+    return {**schema, "nullable": True}
 
 
 def _hit_schema() -> dict[str, Any]:

@@ -200,7 +200,7 @@ def test_health_and_index_status(server, photos, openapi):
 
 def test_text_search_returns_ranked_thumbnails(server, photos, openapi):
     dataset, _ = photos
-    found = search(server.url, query="a dog playing in the park", top_k=5)
+    found = search(server.url, query="a dog playing in the park", top_k=5, offset=None, filters=None)
     assert_matches_schema(openapi, "SearchResponse", found)
     assert found["query"] == "a dog playing in the park" and found["mode"] == "vector"
     assert found["total_results"] == len(found["results"]) == 5 and found["has_more"] is True
@@ -474,6 +474,10 @@ def test_upload_errors(server, photos):
         ),
         ({"picture": ("ok.png", png_bytes((50, 50)), "image/png")}, {}, 400, "unknown field 'picture'"),
         ({}, {"top_k": "3"}, 400, "missing query"),
+        ({}, {"query": "", "top_k": "3"}, 400, "missing query"),
+        ({}, {"query": "dog", "top_k": ""}, 400, "top_k must be a whole number, not ''"),
+        ({}, [("query", "dog"), ("query", "cat")], 400, "'query' is given more than once"),
+        ({}, {"query": "dog", "parts": "[{"}, 400, "parts must be JSON"),
     ]
     for files, form, status, fragment in cases:
         response = requests.post(f"{server.url}/search", files=files or None, data=form, timeout=60)
@@ -496,6 +500,19 @@ def test_unknown_routes_and_methods_answer_json(server):
     assert delete.status_code == 405 and "GET, POST" in delete.json()["error"]
     bad_index = requests.post(f"{server.url}/index", json={"metadata": "nope"}, timeout=10)
     assert bad_index.status_code == 400 and "metadata must be a list" in bad_index.json()["error"]
+    for body, fragment in (
+        ({"metadata": [{"description": "no path"}]}, "metadata[0] needs a path"),
+        ({"metadata": [{"path": "a.jpg", "size": {"w": 1}}]}, "metadata[0].size must be text"),
+        (None, "must be an object"),
+        ({"rebuild": True}, "unknown field 'rebuild'"),
+    ):
+        refused = requests.post(
+            f"{server.url}/index",
+            data=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert refused.status_code == 400 and fragment in refused.json()["error"], refused.text
     bad_json = requests.post(
         f"{server.url}/index", data=b"{", headers={"Content-Type": "application/json"}, timeout=10
     )
@@ -671,6 +688,22 @@ def test_embed_images_hands_its_job_to_the_server(tmp_path, tiny_checkpoint, coc
         assert hit["path"] == new[5]["image"]
         found = search(url, query="zanzibar", mode="keyword")["results"]
         assert [hit["path"] for hit in found] == [new[0]["image"]]
+        (dataset / new[0]["image"]).unlink()
+        gone = requests.get(f"{url}/images/{found[0]['id']}", timeout=10)
+        assert gone.status_code == 404 and "error" in gone.json()
+
+
+def test_address_helpers():
+    from api import cors_origin_patterns, is_loopback, local_url
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+    assert local_url("0.0.0.0", 8000) == "http://127.0.0.1:8000" and local_url("::", 80) == "http://[::1]:80"
+    patterns = cors_origin_patterns(["null", "http://localhost", "https://app.example:8443"])
+    allowed = ("null", "http://localhost", "http://LOCALHOST:3000", "https://app.example:8443")
+    refused = ("http://localhost.evil", "https://app.example", "https://app.example:9000", "nullx")
+    assert all(any(pattern.match(origin) for pattern in patterns) for origin in allowed)
+    assert not any(pattern.match(origin) for pattern in patterns for origin in refused)
 
 
 def test_server_mode_survives_a_chroma_restart(tmp_path, tiny_checkpoint, coco_source, chroma_server):

@@ -229,6 +229,8 @@ class Session:
             self.dispatch(line)
         except (CommandError, QueryError, UnknownImage, FilterError, StoreError) as error:
             print(f"error: {error}", file=sys.stderr)
+        except OSError as error:
+            print(f"error: cannot save the grid: {error}", file=sys.stderr)
         return True
 
     def dispatch(self, line: str) -> None:
@@ -413,6 +415,9 @@ def run_once(session: Session, args: argparse.Namespace) -> int:
     except (CommandError, QueryError, UnknownImage) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"error: cannot save the grid: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,6 +9,7 @@ The titles and the layout are also written into the PNG's text chunk `Grid` (JSO
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -38,7 +39,8 @@ def has_display() -> bool:
 if not has_display():
     matplotlib.use("Agg")
 
-from matplotlib.figure import Figure  # noqa: E402 - after the backend is chosen
+from matplotlib.backends import BackendFilter, backend_registry  # noqa: E402 - after the backend is chosen
+from matplotlib.figure import Figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,13 @@ class GridLayout:
         return left + PAD_PX, top + TITLE_PX, left + CELL_PX - PAD_PX, top + CELL_PX - PAD_PX
 
 
+@functools.cache
+def can_show() -> bool:
+    """Whether grids open in a window: a display, and a GUI backend that matplotlib could start on it."""
+    interactive = backend_registry.list_builtin(BackendFilter.INTERACTIVE)
+    return has_display() and matplotlib.get_backend().lower() in interactive
+
+
 def grid_file_name(label: str, now: datetime | None = None) -> str:
     """`<slug of the query>-<timestamp to the millisecond>.png`."""
     ascii_label = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()
@@ -106,7 +115,7 @@ def save_grid(
     path = _unused_path(folder, grid_file_name(label))
     metadata = {"Title": heading, "Grid": json.dumps(_description(layout, cells))}
     figure.savefig(path, dpi=DPI, facecolor="white", metadata=metadata)
-    if has_display():
+    if can_show():
         _show(figure)
     return path
 
@@ -114,7 +123,7 @@ def save_grid(
 def _new_figure(layout: GridLayout) -> Figure:
     width, height = layout.size_px
     size = (width / DPI, height / DPI)
-    if has_display():
+    if can_show():
         import matplotlib.pyplot as plt
 
         return plt.figure(figsize=size, dpi=DPI, facecolor="white")

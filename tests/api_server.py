@@ -4,8 +4,9 @@
         requests.post(f"{server.url}/search", json={"query": "a dog"})
 
 Every field of the given `Settings` is passed to the server as an environment variable of the same
-name, so the server runs with exactly those settings. The server's log goes to a file (`log_path`),
-whose text is included in the error when the server fails to start.
+name, so the server runs with exactly those settings. The server's log goes to a file (`log_path`,
+by default a temporary file removed by `stop()`); `log()` reads it, and its text is included in the
+error when the server fails to start.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class ApiServer:
         self.port = port or free_port()
         self.settings = settings.with_overrides(API_HOST="127.0.0.1", API_PORT=self.port)
         self.extra_env = extra_env or {}
+        self._own_log = log_path is None
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="api-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
 
@@ -92,15 +94,17 @@ class ApiServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        """Stop the server; a log file this helper created itself is removed."""
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ApiServer:
         return self.start()

@@ -263,7 +263,7 @@ def search_request_from_json(body: Any) -> SearchRequest:
 
 
 def search_request_from_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage]) -> SearchRequest:
-    unknown = sorted((set(form) | set(files)) - SEARCH_FIELDS)
+    unknown = sorted((set(form) | set(files)) - SEARCH_FIELDS, key=str)  # a nameless part's key is None
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(SEARCH_FIELDS))}")
     repeated = [key for key, items in [*form.lists(), *files.lists()] if len(items) > 1]

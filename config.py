@@ -29,7 +29,7 @@ class Settings:
     # HNSW index of a new collection (recall@10 >= 0.99 at 100k vectors, see bench/RESULTS.md).
     HNSW_M: int = 32
     HNSW_EF_CONSTRUCTION: int = 200
-    HNSW_EF_SEARCH: int = 128
+    HNSW_EF_SEARCH: int = 1024
     # Below this many images a filtered query is ranked by exact cosine instead of the HNSW graph.
     EXACT_SEARCH_MAX: int = 20000
     # Search.

@@ -216,6 +216,7 @@ class ImageRetrieval:
                 metadata=self._collection_stamp(),
             )
         collection = self.client.get_collection(name, embedding_function=None)
+        self._apply_ef_search(collection)
         recorded = (collection.metadata or {}).get("model")
         if recorded and recorded != self.encoder.identity and collection.count() > 0:
             raise ModelMismatch(
@@ -225,6 +226,18 @@ class ImageRetrieval:
                 "COLLECTION_NAME, or run `python embed_images.py --rebuild` to re-index everything"
             )
         return collection
+
+    def _apply_ef_search(self, collection: Any) -> None:
+        """HNSW_EF_SEARCH is a query-time setting: bring an existing collection in line with it."""
+        current = (collection.configuration or {}).get("hnsw") or {}
+        if current.get("ef_search") not in (None, self.settings.HNSW_EF_SEARCH):
+            log.info(
+                "collection %s: ef_search %s -> %s",
+                collection.name,
+                current["ef_search"],
+                self.settings.HNSW_EF_SEARCH,
+            )
+            collection.modify(configuration={"hnsw": {"ef_search": self.settings.HNSW_EF_SEARCH}})
 
     def _collection_stamp(self, stamp: str | None = None) -> dict[str, Any]:
         return {

@@ -253,3 +253,13 @@ def test_server_mode_indexing(coco_dataset, settings_for, chroma_server):
     assert summary_counts(run_embed(settings).stdout)["removed"] == 1
     assert stored_paths(settings) == disk_images(coco_dataset)
     assert not Path(settings.CHROMA_DB_PATH).exists()
+
+
+def test_a_changed_ef_search_setting_reaches_an_existing_collection(coco_dataset, settings_for):
+    settings = settings_for(coco_dataset, HNSW_EF_SEARCH=64)
+    with ImageRetrieval(settings) as engine:
+        assert engine.collection.configuration["hnsw"]["ef_search"] == 64
+    with ImageRetrieval(settings.with_overrides(HNSW_EF_SEARCH=512)) as engine:
+        assert (
+            engine.client.get_collection(settings.COLLECTION_NAME).configuration["hnsw"]["ef_search"] == 512
+        )

@@ -468,8 +468,10 @@ def test_recall_against_exact_search_on_100k_clustered_vectors(tmp_path):
             end = start + 5000
             engine.write(ids[start:end], vectors[start:end], metadatas[start:end])
         rng = np.random.default_rng(7)
-        queries = vectors[rng.integers(0, len(vectors), 100)]
-        queries = queries + rng.standard_normal(queries.shape).astype(np.float32) * 0.03
+        near_images = vectors[rng.integers(0, len(vectors), 50)]
+        near_images = near_images + rng.standard_normal(near_images.shape).astype(np.float32) * 0.03
+        text_like = rng.standard_normal((50, 512)).astype(np.float32)
+        queries = np.concatenate([near_images, text_like])
         for filters, selected in [(None, len(ids)), ("bucket < 50", 50_000), ("bucket < 10", 10_000)]:
             allowed = np.array([i % 100 < selected * 100 // len(ids) for i in range(len(ids))])
             found = 0

@@ -1,0 +1,367 @@
+"""The OpenAPI 3 description of the HTTP API (served at GET /openapi.json), as the server behaves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api_requests import CUTOFFS, INCLUDE_IMAGES, MAX_PART_WEIGHT, MODES
+from config import Settings
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """An OpenAPI 3.0 description of every endpoint, as this server behaves."""
+    document = {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Semantic image search",
+            "version": "1.0.0",
+            "description": "Search a folder of images by text, by example image, by id and by metadata.",
+        },
+        "paths": _openapi_paths(),
+        "components": {"schemas": _openapi_schemas(settings), "responses": _openapi_error_responses()},
+    }
+    if settings.API_TOKEN:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(code): {"$ref": f"#/components/responses/Error{code}"} for code in (*codes, 429, 500)}
+
+
+def _openapi_paths() -> dict[str, Any]:
+    image_id = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    etag = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}}
+    cached = {"ETag": {"schema": {"type": "string"}}, "Cache-Control": {"schema": {"type": "string"}}}
+    return {
+        "/": {
+            "get": {
+                "summary": "Health and facts about the index (never needs a token)",
+                "security": [],
+                "responses": {
+                    "200": {"description": "ready", "content": _json_content(_ref("Health"))},
+                    **_errors(503),
+                },
+            }
+        },
+        "/search": {
+            "post": {
+                "summary": "Search by text, image, id, weighted parts, with filters and modes",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref("SearchRequest")},
+                        "multipart/form-data": {"schema": _ref("SearchForm")},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "results in rank order",
+                        "content": _json_content(_ref("SearchResponse")),
+                    },
+                    **_errors(400, 401, 404, 413, 503),
+                },
+            }
+        },
+        "/thumbnails/{image_id}": {
+            "get": {
+                "summary": "The thumbnail (JPEG, long side THUMBNAIL_SIZE) of an indexed image",
+                "parameters": [image_id, etag],
+                "responses": {
+                    "200": {
+                        "description": "the thumbnail",
+                        "headers": cached,
+                        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "304": {
+                        "description": "not modified (If-None-Match matched the ETag)",
+                        "headers": cached,
+                    },
+                    **_errors(401, 404),
+                },
+            }
+        },
+        "/images/{image_id}": {
+            "get": {
+                "summary": "The original file of an indexed image",
+                "parameters": [image_id, etag],
+                "responses": {
+                    "200": {
+                        "description": "the image file",
+                        "headers": cached,
+                        "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "304": {
+                        "description": "not modified (If-None-Match matched the ETag)",
+                        "headers": cached,
+                    },
+                    **_errors(401, 404),
+                },
+            }
+        },
+        "/index": {
+            "get": {
+                "summary": "Progress of the current or last indexing job",
+                "responses": {
+                    "200": {"description": "job status", "content": _json_content(_ref("IndexStatus"))},
+                    **_errors(401),
+                },
+            },
+            "post": {
+                "summary": "Start indexing the dataset folder in the background (one job at a time)",
+                "requestBody": {"required": False, "content": _json_content(_ref("IndexRequest"))},
+                "responses": {
+                    "202": {"description": "started", "content": _json_content(_ref("IndexStatus"))},
+                    "409": {
+                        "description": "a job is already running",
+                        "content": _json_content(_ref("IndexStatus")),
+                    },
+                    **_errors(400, 401, 413),
+                },
+            },
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.0 document",
+                        "content": _json_content({"type": "object"}),
+                    },
+                    **_errors(401),
+                },
+            }
+        },
+        "/ui": {
+            "get": {
+                "summary": "The web page (never needs a token)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "index.html",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(404),
+                },
+            }
+        },
+        "/static/{filename}": {
+            "get": {
+                "summary": "Files of the web page (never need a token)",
+                "security": [],
+                "parameters": [
+                    {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
+                    **_errors(404),
+                },
+            }
+        },
+    }
+
+
+def _openapi_schemas(settings: Settings) -> dict[str, Any]:
+    text = {"type": "string", "minLength": 1, "maxLength": settings.MAX_QUERY_CHARS, "pattern": r"\S"}
+    number = {"type": "number"}
+    search_fields = {
+        "query": {**text, "description": "text query"},
+        "image": {"type": "string", "minLength": 1, "description": "query image as a data URI or base64"},
+        "similar_to": {"type": "string", "description": "id of an indexed image"},
+        "parts": {"type": "array", "maxItems": settings.MAX_QUERY_PARTS, "items": _ref("QueryPart")},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": settings.MAX_TOP_K, "default": settings.TOP_K},
+        "offset": {"type": "integer", "minimum": 0, "maximum": settings.MAX_OFFSET, "default": 0},
+        "min_score": {"type": "number", "minimum": -1, "maximum": 1},
+        "cutoff": {"type": "string", "enum": list(CUTOFFS)},
+        "filters": {
+            "oneOf": [{"type": "string"}, {"type": "object"}],
+            "description": 'e.g. \'tags contains dog and width >= 500\' or {"tags": {"$contains": "dog"}}',
+        },
+        "mode": {"type": "string", "enum": list(MODES), "default": "vector"},
+        "collapse_duplicates": {"type": "boolean", "default": True},
+        "include_images": {"type": "string", "enum": list(INCLUDE_IMAGES), "default": "thumbnail"},
+    }
+    json_fields = {name: _nullable(schema) for name, schema in search_fields.items()}
+    form_fields = {
+        **search_fields,
+        "query": {
+            "type": "string",
+            "maxLength": settings.MAX_QUERY_CHARS,
+            "pattern": r"^$|\S",
+            "description": "text query; an empty form field counts as not given",
+        },
+        "image": {"type": "string", "format": "binary", "description": "query image file"},
+        "parts": {"type": "string", "description": "the parts array as JSON text"},
+        "filters": {"type": "string"},
+        "collapse_duplicates": {"type": "string", "enum": ["true", "false"]},
+    }
+    one_query = [{"required": [name]} for name in ("query", "image", "similar_to", "parts")]
+    scalar = {"oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "QueryPart": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "text": text,
+                "image": {"type": "string", "minLength": 1},
+                "id": {"type": "string"},
+                "weight": {**number, "minimum": -MAX_PART_WEIGHT, "maximum": MAX_PART_WEIGHT, "default": 1},
+            },
+            "oneOf": [{"required": ["text"]}, {"required": ["image"]}, {"required": ["id"]}],
+        },
+        "SearchRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": json_fields,
+            "anyOf": one_query,
+        },
+        "SearchForm": {
+            "type": "object",
+            "properties": form_fields,
+            "anyOf": [
+                {**branch, "properties": {branch["required"][0]: {"minLength": 1}}} for branch in one_query
+            ],
+        },
+        "Hit": _hit_schema(),
+        "SearchResponse": {
+            "type": "object",
+            "required": ["query", "mode", "top_k", "offset", "results", "total_results", "has_more"],
+            "properties": {
+                "query": {"type": "string", "nullable": True},
+                "mode": {"type": "string", "enum": list(MODES)},
+                "top_k": {"type": "integer"},
+                "offset": {"type": "integer"},
+                "results": {"type": "array", "items": _ref("Hit")},
+                "total_results": {"type": "integer"},
+                "has_more": {"type": "boolean"},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "images", "model", "device", "collection", "indexing"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ok"]},
+                "images": {"type": "integer"},
+                "model": {"type": "string"},
+                "device": {"type": "string"},
+                "collection": {"type": "string"},
+                "indexing": {"type": "string", "enum": ["idle", "running", "done", "failed"]},
+            },
+        },
+        "IndexRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "metadata": {
+                    "type": "array",
+                    "nullable": True,
+                    "description": "custom metadata records to merge after indexing",
+                    "items": {
+                        "type": "object",
+                        "required": ["path"],
+                        "properties": {"path": {"type": "string", "pattern": r"\S"}},
+                        "additionalProperties": {
+                            "oneOf": [scalar, {"type": "array", "items": scalar}],
+                        },
+                    },
+                }
+            },
+        },
+        "IndexStatus": _index_status_schema(),
+    }
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema that also allows null (the API treats null as not given)."""
+    if "oneOf" in schema:
+        return {**schema, "oneOf": [_nullable(schema["oneOf"][0]), *schema["oneOf"][1:]]}
+    if "enum" in schema:
+        return {**schema, "enum": [*schema["enum"], None], "nullable": True}
+    return {**schema, "nullable": True}
+
+
+def _hit_schema() -> dict[str, Any]:
+    nullable_int = {"type": "integer", "nullable": True}
+    nullable_number = {"type": "number", "nullable": True}
+    return {
+        "type": "object",
+        "required": ["id", "path", "score", "rank", "metadata", "duplicates", "thumbnail_url", "image_url"],
+        "properties": {
+            "id": {"type": "string"},
+            "path": {"type": "string", "description": "relative to the dataset folder"},
+            "score": {"type": "number"},
+            "rank": {"type": "integer", "minimum": 1},
+            "metadata": {"type": "object"},
+            "duplicates": {"type": "array", "items": {"type": "string"}},
+            "why": {
+                "type": "object",
+                "description": "keyword and hybrid modes: why the image matched",
+                "properties": {
+                    "vector_rank": nullable_int,
+                    "vector_score": nullable_number,
+                    "keyword_rank": nullable_int,
+                    "keyword_score": nullable_number,
+                    "matched_terms": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "image": {
+                "type": "string",
+                "nullable": True,
+                "description": "thumbnail as a data URI (absent with include_images=none)",
+            },
+            "thumbnail_url": {"type": "string"},
+            "image_url": {"type": "string"},
+        },
+    }
+
+
+def _index_status_schema() -> dict[str, Any]:
+    failure = {
+        "type": "object",
+        "required": ["path", "reason"],
+        "properties": {"path": {"type": "string"}, "reason": {"type": "string"}},
+    }
+    nullable_text = {"type": "string", "nullable": True}
+    return {
+        "type": "object",
+        "required": ["state", "total", "done", "images_per_second", "failures", "summary", "summary_line"],
+        "properties": {
+            "state": {"type": "string", "enum": ["idle", "running", "done", "failed"]},
+            "total": {"type": "integer"},
+            "done": {"type": "integer"},
+            "images_per_second": {"type": "number"},
+            "failures": {"type": "array", "items": failure},
+            "summary": {"type": "object", "nullable": True},
+            "summary_line": nullable_text,
+            "metadata_line": nullable_text,
+            "error": nullable_text,
+            "started_at": nullable_text,
+            "finished_at": nullable_text,
+        },
+    }
+
+
+def _openapi_error_responses() -> dict[str, Any]:
+    meanings = {
+        400: "invalid request (bad JSON, wrong types, bad filter, bad image, query too long)",
+        401: "missing or wrong token",
+        404: "unknown id or route",
+        413: "request larger than MAX_UPLOAD_MB",
+        429: "rate limit (RATE_LIMIT_PER_MINUTE) exceeded",
+        500: "internal error",
+        503: "the Chroma server is not answering",
+    }
+    return {
+        f"Error{code}": {"description": meaning, "content": _json_content(_ref("Error"))}
+        for code, meaning in meanings.items()
+    }

@@ -470,7 +470,9 @@ def test_recall_against_exact_search_on_100k_clustered_vectors(tmp_path):
         rng = np.random.default_rng(7)
         near_images = vectors[rng.integers(0, len(vectors), 50)]
         near_images = near_images + rng.standard_normal(near_images.shape).astype(np.float32) * 0.03
-        text_like = rng.standard_normal((50, 512)).astype(np.float32)
+        # Like a CLIP text query: its best images score about 0.3, well above a flat background.
+        text_like = vectors[rng.integers(0, len(vectors), 50)]
+        text_like = text_like + rng.standard_normal(text_like.shape).astype(np.float32) * 3 / np.sqrt(512)
         queries = np.concatenate([near_images, text_like])
         for filters, selected in [(None, len(ids)), ("bucket < 50", 50_000), ("bucket < 10", 10_000)]:
             allowed = np.array([i % 100 < selected * 100 // len(ids) for i in range(len(ids))])

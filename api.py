@@ -39,7 +39,7 @@ from api_requests import (
     search_request_from_form,
     search_request_from_json,
 )
-from config import Settings, load_settings
+from config import Settings, add_index_arguments, index_overrides, load_settings
 from image_io import ImageLoadError, thumbnail_jpeg
 from image_retrieval import (
     ImageRetrieval,
@@ -552,11 +552,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Serve the semantic image search HTTP API.")
     parser.add_argument("--host", help="address to bind (API_HOST)")
     parser.add_argument("--port", type=int, help="port (API_PORT)")
-    parser.add_argument("--dataset", help="folder of images (DATASET_FOLDER)")
-    parser.add_argument("--model", help="CLIP model name or checkpoint path (MODEL_NAME)")
-    parser.add_argument("--db", help="database folder (CHROMA_DB_PATH)")
-    parser.add_argument("--collection", help="collection name (COLLECTION_NAME)")
-    parser.add_argument("--device", help="cpu, cuda or auto (DEVICE)")
+    add_index_arguments(parser)
     parser.add_argument("--threads", type=int, help="request threads (API_THREADS)")
     args = parser.parse_args(argv)
     if args.port is not None and not 0 <= args.port <= 65535:
@@ -570,12 +566,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(
         API_HOST=args.host,
         API_PORT=args.port,
-        DATASET_FOLDER=args.dataset,
-        MODEL_NAME=args.model,
-        CHROMA_DB_PATH=args.db,
-        COLLECTION_NAME=args.collection,
-        DEVICE=args.device,
         API_THREADS=args.threads,
+        **index_overrides(args),
     )
 
 

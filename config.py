@@ -6,6 +6,7 @@ command-line flags of the front ends override both (see `Settings.with_overrides
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, fields
@@ -98,3 +99,23 @@ def _parse(name: str, raw: str, type_name: Any) -> Any:
 def load_settings(**overrides: Any) -> Settings:
     """The settings in force: defaults < environment variables < the given overrides."""
     return Settings.from_env().with_overrides(**overrides)
+
+
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every front end shares: which images, which model, which database."""
+    parser.add_argument("--dataset", help="folder of images (DATASET_FOLDER)")
+    parser.add_argument("--model", help="CLIP model name or checkpoint path (MODEL_NAME)")
+    parser.add_argument("--db", help="database folder (CHROMA_DB_PATH)")
+    parser.add_argument("--collection", help="collection name (COLLECTION_NAME)")
+    parser.add_argument("--device", help="cpu, cuda or auto (DEVICE)")
+
+
+def index_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings named by the flags of `add_index_arguments`."""
+    return {
+        "DATASET_FOLDER": args.dataset,
+        "MODEL_NAME": args.model,
+        "CHROMA_DB_PATH": args.db,
+        "COLLECTION_NAME": args.collection,
+        "DEVICE": args.device,
+    }

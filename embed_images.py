@@ -17,7 +17,7 @@ from typing import Any
 import requests
 from tqdm import tqdm
 
-from config import Settings, load_settings
+from config import Settings, add_index_arguments, index_overrides, load_settings
 
 log = logging.getLogger("embed_images")
 POLL_SECONDS = 0.5
@@ -25,13 +25,10 @@ POLL_SECONDS = 0.5
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Index a folder of images for semantic search.")
-    parser.add_argument("--dataset", help="folder of images (DATASET_FOLDER)")
     parser.add_argument("--rebuild", action="store_true", help="delete the index and build it anew")
     parser.add_argument("--batch-size", type=int, help="images per model batch (BATCH_SIZE)")
     parser.add_argument("--metadata", type=Path, help="CSV or JSON file of custom metadata to merge")
-    parser.add_argument("--model", help="CLIP model name or checkpoint path (MODEL_NAME)")
-    parser.add_argument("--db", help="database folder (CHROMA_DB_PATH)")
-    parser.add_argument("--collection", help="collection name (COLLECTION_NAME)")
+    add_index_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
@@ -40,13 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return load_settings(
-        DATASET_FOLDER=args.dataset,
-        BATCH_SIZE=args.batch_size,
-        MODEL_NAME=args.model,
-        CHROMA_DB_PATH=args.db,
-        COLLECTION_NAME=args.collection,
-    )
+    return load_settings(BATCH_SIZE=args.batch_size, **index_overrides(args))
 
 
 class ProgressBar:

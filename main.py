@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from config import Settings, load_settings
+from config import Settings, add_index_arguments, index_overrides, load_settings
 
 if TYPE_CHECKING:
     from image_retrieval import Hit, ImageRetrieval, QueryPart, SearchResult
@@ -78,23 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=MODES, default="vector", help="how to rank (default: vector)")
     parser.add_argument("--filter", help="metadata filter, e.g. 'tags contains dog and width >= 500'")
     parser.add_argument("--min-score", help="lowest score shown, -1 to 1")
-    parser.add_argument("--dataset", help="folder of images (DATASET_FOLDER)")
-    parser.add_argument("--db", help="database folder (CHROMA_DB_PATH)")
-    parser.add_argument("--model", help="CLIP model name or checkpoint path (MODEL_NAME)")
-    parser.add_argument("--collection", help="collection name (COLLECTION_NAME)")
+    add_index_arguments(parser)
     parser.add_argument("--results", help="folder for the saved grids (RESULTS_FOLDER)")
     parser.add_argument("--verbose", action="store_true", help="log what the engine does (LOG_LEVEL)")
     return parser.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return load_settings(
-        DATASET_FOLDER=args.dataset,
-        CHROMA_DB_PATH=args.db,
-        MODEL_NAME=args.model,
-        COLLECTION_NAME=args.collection,
-        RESULTS_FOLDER=args.results,
-    )
+    return load_settings(RESULTS_FOLDER=args.results, **index_overrides(args))
 
 
 def options_from(args: argparse.Namespace, settings: Settings) -> Options:

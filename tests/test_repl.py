@@ -283,6 +283,8 @@ def test_ctrl_d_and_ctrl_c_leave_cleanly(indexed: Settings, typed: str, key: str
     """Ctrl-D at an empty prompt (on a typed line it deletes, as in any shell) and Ctrl-C anywhere."""
     child = start_repl(indexed)
     child.send(typed)
+    if typed:
+        child.expect_exact(typed, timeout=ANSWER_TIMEOUT)
     child.sendcontrol(key)
     child.expect(pexpect.EOF, timeout=ANSWER_TIMEOUT)
     child.close()

@@ -141,7 +141,7 @@ def measure_images(encoder: ClipEncoder, pixels: torch.Tensor, rounds: int) -> l
             best[label] = max(best[label], len(pixels) / watch.seconds)
             deviation[label] = float(np.max(1 - np.sum(vectors * reference, axis=1)))
     base = best[f"torch fp32, batch {DEFAULT_BATCH} (default)"]
-    return [[label, best[label], best[label] / base, deviation[label]] for label in options]
+    return [[label, best[label], best[label] / base, f"{deviation[label]:.1e}"] for label in options]
 
 
 def measure_texts(encoder: ClipEncoder, texts: list[str], rounds: int) -> list[list[object]]:
@@ -159,7 +159,7 @@ def measure_texts(encoder: ClipEncoder, texts: list[str], rounds: int) -> list[l
             deviation[label] = float(np.max(1 - np.sum(np.concatenate(vectors) * reference, axis=1)))
     base = percentile(times["torch fp32 (default)"], 50)
     return [
-        [label, percentile(times[label], 50), base / percentile(times[label], 50), deviation[label]]
+        [label, percentile(times[label], 50), base / percentile(times[label], 50), f"{deviation[label]:.1e}"]
         for label in options
     ]
 

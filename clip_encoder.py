@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from threadpoolctl import ThreadpoolController
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the clip package imports the deprecated pkg_resources
@@ -40,6 +41,15 @@ def model_identity(name: str) -> str:
     return f"{os.path.basename(name)}#{digest.hexdigest()[:16]}"
 
 
+def keep_numpy_blas_single_threaded() -> None:
+    """Stop numpy's OpenBLAS threads from spinning after each small product and starving the model.
+
+    The engine's numpy work is small (scores of a few hundred vectors); measured at 100k images, the
+    spinning threads made the next text encoding four times slower (bench/RESULTS.md, query latency).
+    """
+    ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+
+
 class ClipEncoder:
     """A CLIP model with its preprocessing; safe to call from several threads at once."""
 
@@ -56,6 +66,7 @@ class ClipEncoder:
         except Exception as error:
             raise ModelLoadError(f"cannot load model {name!r}: {error}") from error
         self.model.eval()
+        keep_numpy_blas_single_threaded()
         self.identity = model_identity(name)
         self.dim = int(self.model.text_projection.shape[1])
         self.input_resolution = int(self.model.visual.input_resolution)

@@ -561,12 +561,15 @@ class ImageRetrieval:
 
     def _collapse(self, candidates: list[_Candidate]) -> list[_Candidate]:
         vectors = self.catalog.vectors([candidate.id for candidate in candidates])
-        similarity = vectors @ vectors.T
+        twins = np.triu(vectors @ vectors.T >= self.settings.DUPLICATE_THRESHOLD, k=1)
+        for candidate in candidates:
+            candidate.duplicates = []
+        if not twins.any():
+            return candidates
         kept: list[int] = []
         for i, candidate in enumerate(candidates):
-            twin = next((k for k in kept if similarity[i, k] >= self.settings.DUPLICATE_THRESHOLD), None)
+            twin = next((k for k in kept if twins[k, i]), None)
             if twin is None:
-                candidate.duplicates = []
                 kept.append(i)
             else:
                 candidates[twin].duplicates.append(candidate.id)

@@ -381,7 +381,7 @@ class ImageRetrieval:
         vector = self.query_vector(query.parts)
         mask = self.catalog.mask(image_filter) if image_filter else None
         need = query.offset + top_k
-        fetch = max(MIN_CANDIDATES, 3 * need)
+        fetch = max(self._candidate_pool(query), 3 * need)
         while True:
             candidates, exhausted = self._candidates(query.mode, vector, keyword_text, mask, exclude, fetch)
             ranked = self._refine(candidates, query, vector)
@@ -392,6 +392,13 @@ class ImageRetrieval:
         hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
         filtered_total = int(mask.sum()) if mask is not None else None
         return SearchResult(hits, query.mode, len(ranked) > need, filtered_total)
+
+    @staticmethod
+    def _candidate_pool(query: SearchQuery) -> int:
+        """How many candidates a query starts with: the adaptive cutoff and rank fusion need a pool."""
+        if query.cutoff == "adaptive" or query.mode != "vector":
+            return MIN_CANDIDATES
+        return 0
 
     def _validate(self, query: SearchQuery) -> int:
         settings = self.settings

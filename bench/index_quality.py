@@ -21,7 +21,6 @@ from synthetic import (
     SELECTIVITY_FILTERS,
     SyntheticCollection,
     exact_top,
-    set_ef_search,
     synthetic_collection,
 )
 
@@ -97,8 +96,7 @@ def main() -> None:
     for size in args.sizes:
         collection = synthetic_collection(size)
         ef_search = args.ef_search or collection.settings().HNSW_EF_SEARCH
-        set_ef_search(collection, ef_search)
-        with ImageRetrieval(collection.settings(), role="bench") as engine:
+        with ImageRetrieval(collection.settings(HNSW_EF_SEARCH=ef_search), role="bench") as engine:
             parts = {
                 "more-like-this": [
                     QueryPart(id=collection.ids[i]) for i in rng.choice(size, args.queries, replace=False)

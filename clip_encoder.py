@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +20,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the clip package imports the deprecated pkg_resources
     import clip
 
+if TYPE_CHECKING:
+    from config import Settings
+
 log = logging.getLogger(__name__)
+IMAGE_RUNTIMES = ("torch", "onnx")
 
 
 class ModelLoadError(RuntimeError):
@@ -53,11 +60,17 @@ def keep_numpy_blas_single_threaded() -> None:
 class ClipEncoder:
     """A CLIP model with its preprocessing; safe to call from several threads at once."""
 
-    def __init__(self, name: str, device: str = "auto") -> None:
+    def __init__(
+        self, name: str, device: str = "auto", image_runtime: str = "torch", onnx_cache: str = ""
+    ) -> None:
         if name not in clip.available_models() and not os.path.isfile(name):
             raise ModelLoadError(
                 f"unknown model {name!r}: use one of {', '.join(clip.available_models())} "
                 "or the path of a CLIP checkpoint file"
+            )
+        if image_runtime not in IMAGE_RUNTIMES:
+            raise ModelLoadError(
+                f"IMAGE_RUNTIME must be one of {', '.join(IMAGE_RUNTIMES)}, not {image_runtime!r}"
             )
         self.name = name
         self.device = resolve_device(device)
@@ -70,7 +83,24 @@ class ClipEncoder:
         self.identity = model_identity(name)
         self.dim = int(self.model.text_projection.shape[1])
         self.input_resolution = int(self.model.visual.input_resolution)
-        log.info("loaded CLIP %s on %s (%d-d vectors)", name, self.device, self.dim)
+        self._onnx = self._onnx_visual(onnx_cache) if image_runtime == "onnx" else None
+        log.info(
+            "loaded CLIP %s on %s (%d-d vectors, images by %s)", name, self.device, self.dim, image_runtime
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ClipEncoder:
+        return cls(settings.MODEL_NAME, settings.DEVICE, settings.IMAGE_RUNTIME, settings.ONNX_CACHE_FOLDER)
+
+    def _onnx_visual(self, cache_folder: str) -> OnnxVisual:
+        if self.device != "cpu":
+            raise ModelLoadError(
+                "IMAGE_RUNTIME=onnx runs on the CPU: set DEVICE=cpu, or use torch on the GPU"
+            )
+        file_name = self.identity.replace("/", "-").replace("#", "-") + "-visual.onnx"
+        return OnnxVisual(
+            self.model.visual, self.input_resolution, Path(cache_folder).expanduser() / file_name
+        )
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.preprocess(image)
@@ -78,6 +108,8 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Vectors of a batch of preprocessed images (N x 3 x R x R)."""
+        if self._onnx is not None:
+            return _normalised(self._onnx.encode(pixels))
         features = self.model.encode_image(pixels.to(self.device, self.model.dtype))
         return _normalised(features)
 
@@ -104,6 +136,44 @@ class ClipEncoder:
         x = model.ln_final(x.permute(1, 0, 2)).type(model.dtype)
         end_tokens = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
         return end_tokens @ model.text_projection
+
+
+class OnnxVisual:
+    """CLIP's image tower exported to ONNX once (cached per model) and run by ONNX Runtime."""
+
+    def __init__(self, visual: torch.nn.Module, resolution: int, path: Path) -> None:
+        import onnxruntime
+
+        if not path.is_file():
+            _export_visual(visual, resolution, path)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.session.run(None, {"pixels": pixels.float().numpy()})[0]
+        return torch.from_numpy(features)
+
+
+def _export_visual(visual: torch.nn.Module, resolution: int, path: Path) -> None:
+    """Export to a temporary file beside `path`, then rename: a crash never leaves half a model."""
+    log.info("exporting the image encoder to ONNX: %s (once per model)", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as folder:
+        partial = Path(folder) / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                visual,
+                (torch.zeros(1, 3, resolution, resolution),),
+                str(partial),
+                input_names=["pixels"],
+                output_names=["features"],
+                dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
+        os.replace(partial, path)
 
 
 def _attend(block: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -168,7 +168,7 @@ class ImageRetrieval:
             self._db_lock = DatabaseLock(db_path, role)
             self._db_lock.acquire()
         try:
-            self.encoder = encoder or ClipEncoder(self.settings.MODEL_NAME, self.settings.DEVICE)
+            self.encoder = encoder or ClipEncoder.from_settings(self.settings)
             self.client = open_client(self.settings)
             with translated_errors(self.settings):
                 self.collection = self._open_collection(rebuild, create)

@@ -24,8 +24,10 @@ from indexer import IndexingRefused
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_embed(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, **settings_env(settings)}
+def run_embed(
+    settings: Settings, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, **settings_env(settings), **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "embed_images.py"), "--quiet", *args],
         capture_output=True,

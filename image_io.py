@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-# Decode at least this multiple of the model's input size so that draft decoding stays faithful.
-DRAFT_MARGIN = 2
+# JPEGs are draft-decoded (DCT scaling) to at least this multiple of the model's input size. At 1,
+# a 12 MP photo decodes 17-30% faster than at 2 and its vector keeps cosine >= 0.9999 with a full decode.
+DRAFT_MARGIN = 1
 # Images longer than this multiple of their short side are cropped around the centre before encoding.
 MAX_ASPECT_RATIO = 4
 

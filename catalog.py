@@ -129,9 +129,11 @@ class Catalog:
                 self._masks.popitem(last=False)
             return mask
 
-    def ids_where(self, mask: np.ndarray) -> set[str]:
+    def selected(self, ids: list[str], mask: np.ndarray) -> list[bool]:
+        """Whether each id is an image whose row `mask` selects."""
         with self._lock:
-            return {self._ids[row] for row in np.flatnonzero(mask)}
+            rows = [self._rows.get(image_id) for image_id in ids]
+            return [row is not None and row < len(mask) and bool(mask[row]) for row in rows]
 
     def exact_top(
         self, query: np.ndarray, mask: np.ndarray, count: int, exclude: frozenset[str] = frozenset()

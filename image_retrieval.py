@@ -530,8 +530,9 @@ class ImageRetrieval:
     ) -> list[tuple[str, float]] | None:
         """A broad filter: over-fetch from the graph and keep matches; None if too few came back."""
         count = min(total, int(fetch * total / selected * 2) + 50 + len(exclude))
-        allowed = self.catalog.ids_where(mask)
-        scored = [item for item in self._hnsw(vector, count, exclude) if item[0] in allowed]
+        found = self._hnsw(vector, count, exclude)
+        keep = self.catalog.selected([image_id for image_id, _ in found], mask)
+        scored = [item for item, kept in zip(found, keep, strict=True) if kept]
         return scored if len(scored) >= min(fetch, selected - len(exclude)) else None
 
     def _keyword_candidates(
@@ -539,8 +540,8 @@ class ImageRetrieval:
     ) -> list[_Candidate]:
         hits = [hit for hit in self.catalog.keywords.search(text) if hit.id not in exclude]
         if mask is not None:
-            allowed = self.catalog.ids_where(mask)
-            hits = [hit for hit in hits if hit.id in allowed]
+            keep = self.catalog.selected([hit.id for hit in hits], mask)
+            hits = [hit for hit, kept in zip(hits, keep, strict=True) if kept]
         scores = self.catalog.scores([hit.id for hit in hits], vector)
         return [
             _Candidate(

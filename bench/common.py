@@ -21,6 +21,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DATA = BENCH / "data"
+ONNX_CACHE = DATA / "onnx"  # ONNX_CACHE_FOLDER of the benchmarks
 RESULTS = BENCH / "RESULTS.md"
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco_mini"
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from common import COCO_MINI, DATA, Stopwatch, markdown_table, percentile, report, vit_b32_checkpoint
+from common import COCO_MINI, ONNX_CACHE, Stopwatch, markdown_table, percentile, report, vit_b32_checkpoint
 
 from clip_encoder import ClipEncoder
 from image_io import decode_for_model
@@ -43,37 +43,15 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def unit(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, dtype=np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-
-def onnx_visual_session(encoder: ClipEncoder):  # -> onnxruntime.InferenceSession
-    import onnxruntime
-
-    path = DATA / "vit-b-32-visual.onnx"
-    if not path.is_file():
-        dummy = torch.zeros(1, 3, encoder.input_resolution, encoder.input_resolution)
-        torch.onnx.export(
-            encoder.model.visual,
-            (dummy,),
-            str(path),
-            input_names=["pixels"],
-            output_names=["features"],
-            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def encode_in_batches(encoder: ClipEncoder, pixels: torch.Tensor, batch: int) -> np.ndarray:
+    return np.concatenate(
+        [encoder.encode_pixels(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
+    )
 
 
 def image_options(encoder: ClipEncoder) -> dict[str, Callable[[torch.Tensor, int], np.ndarray]]:
     def torch_fp32(pixels: torch.Tensor, batch: int) -> np.ndarray:
-        return np.concatenate(
-            [encoder.encode_pixels(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
-        )
+        return encode_in_batches(encoder, pixels, batch)
 
     def one_thread(pixels: torch.Tensor, batch: int) -> np.ndarray:
         with torch_threads(1):
@@ -83,14 +61,10 @@ def image_options(encoder: ClipEncoder) -> dict[str, Callable[[torch.Tensor, int
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return torch_fp32(pixels, batch)
 
-    session = onnx_visual_session(encoder)
+    onnx_encoder = ClipEncoder(encoder.name, "cpu", "onnx", str(ONNX_CACHE))  # the IMAGE_RUNTIME=onnx path
 
     def onnx_runtime(pixels: torch.Tensor, batch: int) -> np.ndarray:
-        chunks = [
-            session.run(None, {"pixels": pixels[i : i + batch].numpy()})[0]
-            for i in range(0, len(pixels), batch)
-        ]
-        return unit(np.concatenate(chunks))
+        return encode_in_batches(onnx_encoder, pixels, batch)
 
     options = {f"torch fp32, batch {DEFAULT_BATCH} (default)": (torch_fp32, DEFAULT_BATCH)}
     options |= {f"torch fp32, batch {size}": (torch_fp32, size) for size in (1, 8, 16, 64)}
@@ -177,8 +151,8 @@ def main() -> None:
     notes = [
         f"{args.images} coco_mini photos, preprocessed once; best of {args.rounds} interleaved rounds; "
         f"torch default threads = {torch.get_num_threads()}. The CPU has no AVX-512/AMX, so bf16 is "
-        "emulated. ONNX: the visual tower exported with torch.onnx (opset 17), CPUExecutionProvider, "
-        "intra-op threads = torch threads.",
+        "emulated. ONNX: `IMAGE_RUNTIME=onnx` (clip_encoder.OnnxVisual: the visual tower exported with "
+        "torch.onnx, opset 17, CPUExecutionProvider, intra-op threads = torch threads).",
     ]
     report("CPU inference options", tables, notes, "ViT-B/32 architecture")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import COCO_MINI, DATA, ROOT, Stopwatch, markdown_table, models, report
+from common import COCO_MINI, DATA, ONNX_CACHE, ROOT, Stopwatch, markdown_table, models, report
 from PIL import Image
 
 from clip_encoder import ClipEncoder
@@ -31,7 +31,6 @@ from image_io import decode_for_model, file_hash
 
 TARGET = 0.85
 LARGE_SIZE = (4000, 3000)
-ONNX_CACHE = DATA / "onnx"
 
 
 def parse_args() -> argparse.Namespace:

@@ -111,8 +111,7 @@ def row(
 
 def measure(size: int, queries: int, ef_search: int | None, encoder: ClipEncoder) -> list[list[object]]:
     collection = synthetic_collection(size)
-    settings = collection.settings(RATE_LIMIT_PER_MINUTE=0, API_THREADS=4)
-    settings = settings.with_overrides(HNSW_EF_SEARCH=ef_search or settings.HNSW_EF_SEARCH)
+    settings = collection.settings(RATE_LIMIT_PER_MINUTE=0, API_THREADS=4, HNSW_EF_SEARCH=ef_search)
     rng = np.random.default_rng(size)
     texts = captions(queries)
     with ApiServer(settings) as server, requests.Session() as session:

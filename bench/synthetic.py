@@ -62,19 +62,6 @@ class SyntheticCollection:
         return self.buckets < bucket_below
 
 
-def set_ef_search(collection: SyntheticCollection, ef_search: int) -> None:
-    """Store a new HNSW ef_search in the collection's configuration; it applies when the index is loaded.
-
-    Call it before anything in this process has queried the collection (a loaded index keeps its value).
-    """
-    from store import open_client
-
-    client = open_client(collection.settings())
-    client.get_collection(collection.settings().COLLECTION_NAME).modify(
-        configuration={"hnsw": {"ef_search": ef_search}}
-    )
-
-
 def relative_path(index: int) -> str:
     return f"{index // 1000:03d}/{index:06d}.jpg"
 
@@ -91,7 +78,10 @@ def tiny_jpegs(variants: int = 64) -> list[bytes]:
 
 
 def synthetic_collection(size: int) -> SyntheticCollection:
-    """The cached collection of `size` images, built on first use, searched with today's HNSW_EF_SEARCH."""
+    """The cached collection of `size` images, built on first use.
+
+    Whoever opens it through the engine searches it with their HNSW_EF_SEARCH (the engine applies it).
+    """
     folder = DATA / f"collection-{size}"
     vectors, _ = clustered_vectors(size, DIM, clusters=max(20, size // 50), seed=size)
     buckets = np.random.default_rng(size + 1).integers(0, 100, size)
@@ -100,7 +90,6 @@ def synthetic_collection(size: int) -> SyntheticCollection:
     if not (folder / "complete").is_file():
         build(collection)
         (folder / "complete").write_text(str(size))
-    set_ef_search(collection, collection.settings().HNSW_EF_SEARCH)
     return collection
 
 

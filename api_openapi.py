@@ -38,10 +38,23 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): {"$ref": f"#/components/responses/Error{code}"} for code in (*codes, 429, 500)}
 
 
+def _cached_file_responses(description: str, media_type: str) -> dict[str, Any]:
+    """A file served with an ETag: 200 with the bytes, or 304 when If-None-Match matches."""
+    cached = {"ETag": {"schema": {"type": "string"}}, "Cache-Control": {"schema": {"type": "string"}}}
+    return {
+        "200": {
+            "description": description,
+            "headers": cached,
+            "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        "304": {"description": "not modified (If-None-Match matched the ETag)", "headers": cached},
+        **_errors(401, 404),
+    }
+
+
 def _openapi_paths() -> dict[str, Any]:
     image_id = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "string"}}
     etag = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}}
-    cached = {"ETag": {"schema": {"type": "string"}}, "Cache-Control": {"schema": {"type": "string"}}}
     return {
         "/": {
             "get": {
@@ -76,36 +89,14 @@ def _openapi_paths() -> dict[str, Any]:
             "get": {
                 "summary": "The thumbnail (JPEG, long side THUMBNAIL_SIZE) of an indexed image",
                 "parameters": [image_id, etag],
-                "responses": {
-                    "200": {
-                        "description": "the thumbnail",
-                        "headers": cached,
-                        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
-                    },
-                    "304": {
-                        "description": "not modified (If-None-Match matched the ETag)",
-                        "headers": cached,
-                    },
-                    **_errors(401, 404),
-                },
+                "responses": _cached_file_responses("the thumbnail", "image/jpeg"),
             }
         },
         "/images/{image_id}": {
             "get": {
                 "summary": "The original file of an indexed image",
                 "parameters": [image_id, etag],
-                "responses": {
-                    "200": {
-                        "description": "the image file",
-                        "headers": cached,
-                        "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
-                    },
-                    "304": {
-                        "description": "not modified (If-None-Match matched the ETag)",
-                        "headers": cached,
-                    },
-                    **_errors(401, 404),
-                },
+                "responses": _cached_file_responses("the image file", "image/*"),
             }
         },
         "/index": {

@@ -34,7 +34,9 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 from api_openapi import openapi_document
 from api_requests import (
     BadRequest,
+    NotJson,
     SearchRequest,
+    is_json_type,
     json_body,
     search_request_from_form,
     search_request_from_json,
@@ -48,6 +50,7 @@ from image_retrieval import (
     UnknownImage,
 )
 from indexer import IndexingRefused, IndexProgress
+from metadata_import import MetadataError, normalised_records
 from store import StoreError, StoreUnavailable
 
 log = logging.getLogger("api")
@@ -180,7 +183,7 @@ class IndexJob:
         try:
             summary = self.engine.index_folder(on_progress=self._on_progress)
             metadata_line = self.engine.import_metadata(metadata).line() if metadata else None
-        except (IndexingRefused, StoreError) as error:
+        except (IndexingRefused, StoreError, MetadataError) as error:
             log.warning("indexing failed: %s", error)
             self._finish(state="failed", error=self._public_message(str(error)))
             return
@@ -392,6 +395,7 @@ def add_security_headers(response: Response) -> Response:
 
 
 def _register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(NotJson, lambda error: error_response(415, str(error)))
     app.register_error_handler(BadRequest, lambda error: error_response(400, str(error)))
     app.register_error_handler(QueryError, lambda error: error_response(400, str(error)))
     app.register_error_handler(UnknownImage, lambda error: error_response(404, str(error)))
@@ -455,7 +459,7 @@ def parsed_search_request() -> SearchRequest:
     mimetype = request.mimetype
     if mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return search_request_from_form(request.form, request.files)
-    if mimetype == "application/json" or mimetype.endswith("+json"):
+    if is_json_type(mimetype):
         return search_request_from_json(json_body(request))
     raise BadRequest("send the search as JSON (application/json) or as multipart/form-data")
 
@@ -487,20 +491,20 @@ def index_status() -> Response:
 
 
 def start_index() -> Response:
-    job = current_api().index_job
+    api = current_api()
     has_body = bool(request.get_data(cache=True).strip())
-    metadata = _index_metadata(json_body(request)) if has_body else None
-    if not job.start(metadata):
-        status = job.status()
+    metadata = _index_metadata(json_body(request), api.engine) if has_body else None
+    if not api.index_job.start(metadata):
+        status = api.index_job.status()
         status["error"] = "an indexing job is already running; follow it with GET /index"
         return Response(json.dumps(status), status=409, mimetype="application/json")
-    response = jsonify(job.status())
+    response = jsonify(api.index_job.status())
     response.status_code = 202
     response.headers["Location"] = "/index"
     return response
 
 
-def _index_metadata(body: Any) -> list[dict[str, Any]] | None:
+def _index_metadata(body: Any, engine: ImageRetrieval) -> list[dict[str, Any]] | None:
     if not isinstance(body, dict):
         raise BadRequest('the body of POST /index must be an object, e.g. {"metadata": [...]}')
     unknown = sorted(set(body) - {"metadata"})
@@ -511,19 +515,10 @@ def _index_metadata(body: Any) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
         raise BadRequest("metadata must be a list of objects, each with a path")
-    for number, record in enumerate(records):
-        _check_metadata_record(record, f"metadata[{number}]")
-    return records
-
-
-def _check_metadata_record(record: dict[str, Any], where: str) -> None:
-    path = record.get("path")
-    if not isinstance(path, str) or not path.strip():
-        raise BadRequest(f"{where} needs a path: the image's path relative to the dataset folder")
-    for key, value in record.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(item, str | int | float) for item in values):
-            raise BadRequest(f"{where}.{key} must be text, a number, true/false or a list of those")
+    try:
+        return normalised_records(records, engine.metadata_limits, lambda number: f"metadata[{number}]")
+    except MetadataError as error:
+        raise BadRequest(str(error)) from None
 
 
 def openapi() -> Response:

@@ -22,7 +22,7 @@ from config import Settings, load_settings
 from filters import Filter, parse_filter
 from image_io import ImageLoadError, decode_for_model
 from indexer import SYSTEM_FIELDS, Indexer, IndexingRefused, IndexSummary, ProgressCallback
-from metadata_import import ImportSummary, merge_records
+from metadata_import import ImportSummary, MetadataLimits, merge_records, normalised_records
 from store import (
     DatabaseLock,
     StoreError,
@@ -350,11 +350,20 @@ class ImageRetrieval:
     def import_metadata_file(self, path: Path) -> ImportSummary:
         from metadata_import import read_metadata_file
 
-        return self.import_metadata(read_metadata_file(path))
+        return self.import_metadata(read_metadata_file(path, self.metadata_limits))
+
+    @property
+    def metadata_limits(self) -> MetadataLimits:
+        return MetadataLimits.from_settings(self.settings)
 
     def import_metadata(self, records: list[dict[str, Any]]) -> ImportSummary:
-        """Merge custom metadata (description, tags, any field) into the stored images, no re-encoding."""
-        summary, changes = merge_records(records, self.catalog.items(), SYSTEM_FIELDS)
+        """Merge custom metadata (description, tags, any field) into the stored images, no re-encoding.
+
+        Every record is checked first (`MetadataError` names the first bad one); nothing is stored then.
+        """
+        limits = self.metadata_limits
+        records = normalised_records(records, limits, lambda number: f"metadata record {number + 1}")
+        summary, changes = merge_records(records, self.catalog.items(), SYSTEM_FIELDS, limits)
         if changes:
             self.update_metadata(list(changes), list(changes.values()))
         return summary

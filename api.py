@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -282,10 +284,11 @@ class Api:
 
     def _thumbnail_data_uri(self, image_id: str, metadata: dict[str, Any]) -> str | None:
         try:
-            return self.thumbnail(image_id, metadata).data_uri
+            thumbnail = self.thumbnail(image_id).thumbnail
         except UnknownImage:
             log.warning("no thumbnail for %s: its file is gone or unreadable", metadata.get("path"))
             return None
+        return thumbnail.data_uri if thumbnail else None
 
     def metadata(self, image_id: str) -> dict[str, Any]:
         metadata = self.engine.catalog.metadata(image_id)
@@ -293,25 +296,43 @@ class Api:
             raise UnknownImage(image_id)
         return metadata
 
-    def thumbnail(self, image_id: str, metadata: dict[str, Any]) -> Thumbnail:
+    def thumbnail(self, image_id: str, if_none_match: Any = None) -> ServedThumbnail:
+        """The thumbnail of the image's file as it is now (opened once), cached while the file is unchanged.
+
+        When `if_none_match` matches, the thumbnail is not made (`thumbnail` is None: a 304).
+        """
         size = self.settings.THUMBNAIL_SIZE
+        metadata = self.metadata(image_id)
+        file, opened = self.engine.open_file(image_id)
+        with file:
+            etag = f"{file_etag(metadata, opened)[:32]}-{size}"
+            if if_none_match is not None and if_none_match.contains(etag):
+                return ServedThumbnail(None, etag)
 
-        def make() -> bytes:
-            path = self.engine.image_path(image_id)
-            try:
-                return thumbnail_jpeg(path, size, self.settings.MAX_IMAGE_MEGAPIXELS)
-            except (ImageLoadError, OSError) as error:
-                log.warning("cannot make a thumbnail of %s: %s", metadata.get("path"), error)
-                raise UnknownImage(image_id) from None
+            def make() -> bytes:
+                try:
+                    return thumbnail_jpeg(file, size, self.settings.MAX_IMAGE_MEGAPIXELS)
+                except (ImageLoadError, OSError) as error:
+                    log.warning("cannot make a thumbnail of %s: %s", metadata.get("path"), error)
+                    raise UnknownImage(image_id) from None
 
-        return self.thumbnails.get_or_make((content_key(metadata), size), make)
+            return ServedThumbnail(self.thumbnails.get_or_make((etag, size), make), etag)
 
 
-def content_key(metadata: dict[str, Any]) -> str:
-    """The content hash of an image, or its path, size and time when no hash is stored."""
-    return metadata.get("content_hash") or f"{metadata.get('path')}:{metadata.get('file_size')}:" + str(
-        metadata.get("modified")
-    )
+@dataclass(frozen=True)
+class ServedThumbnail:
+    thumbnail: Thumbnail | None
+    etag: str
+
+
+def file_etag(metadata: dict[str, Any], opened: os.stat_result) -> str:
+    """An entity tag of the file as it is now: its indexed content hash and its current identity.
+
+    A file replaced or edited after indexing (another inode, size or modification time) gets a new tag.
+    """
+    facts = (metadata.get("content_hash"), opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
+    identity = ":".join(str(fact) for fact in facts)
+    return hashlib.sha256(identity.encode()).hexdigest()
 
 
 def current_api() -> Api:
@@ -466,13 +487,12 @@ def parsed_search_request() -> SearchRequest:
 
 def thumbnail(image_id: str) -> Response:
     api = current_api()
-    metadata = api.metadata(image_id)
-    etag = f"{content_key(metadata)[:32]}-{api.settings.THUMBNAIL_SIZE}"
-    if request.if_none_match.contains(etag):
+    served = api.thumbnail(image_id, request.if_none_match)
+    if served.thumbnail is None:
         response = Response(status=304)
     else:
-        response = Response(api.thumbnail(image_id, metadata).jpeg, mimetype="image/jpeg")
-    response.set_etag(etag)
+        response = Response(served.thumbnail.jpeg, mimetype="image/jpeg")
+    response.set_etag(served.etag)
     response.headers["Cache-Control"] = api.cache_control
     return response
 
@@ -480,8 +500,18 @@ def thumbnail(image_id: str) -> Response:
 def image(image_id: str) -> Response:
     api = current_api()
     metadata = api.metadata(image_id)
-    path = api.engine.image_path(image_id)
-    response = send_file(path, etag=content_key(metadata)[:64], conditional=True)
+    file, opened = api.engine.open_file(image_id)
+    response = send_file(
+        file,
+        download_name=os.path.basename(metadata["path"]),
+        etag=file_etag(metadata, opened)[:64],
+        last_modified=opened.st_mtime,
+        conditional=True,
+    )
+    if response.status_code == 200:
+        response.content_length = opened.st_size
+    else:
+        file.close()
     response.headers["Cache-Control"] = api.cache_control
     return response
 

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from api_server import settings_env
 from conftest import make_settings
+from PIL import Image, ImageOps
 
 from image_retrieval import ImageRetrieval
+from indexer import image_id
 from metadata_import import MetadataError, MetadataFileError
 from store import DamagedStore
 
@@ -164,3 +172,123 @@ def test_a_damaged_store_names_the_way_out(indexed):
     assert rebuilt.returncode == 0, rebuilt.stderr
     with ImageRetrieval(settings) as engine:
         assert engine.count() == PHOTOS
+
+
+# -- 5. a file swapped for a symlink while it is served ------------------------------------------
+
+
+def test_a_file_flipping_to_a_symlink_is_never_served(api_client, tmp_path):
+    client, engine, names = api_client
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"SECRET-" * 1000)
+    target = Path(engine.dataset_root) / names[0]
+    keep = tmp_path / "keep.jpg"
+    shutil.copy(target, keep)
+    flipping = threading.Event()
+
+    def flip() -> None:
+        while not flipping.is_set():
+            os.symlink(secret, tmp_path / "link")
+            os.replace(tmp_path / "link", target)
+            os.link(keep, tmp_path / "real")
+            os.replace(tmp_path / "real", target)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    statuses: Counter = Counter()
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            for route in ("/images/", "/thumbnails/"):
+                response = client.get(route + image_id(names[0]))
+                statuses[response.status_code] += 1
+                assert b"SECRET-" not in response.data
+                assert response.status_code in (200, 404), response.data[:200]
+    finally:
+        flipping.set()
+        flipper.join()
+    assert statuses[200] > 0 and statuses[404] > 0, statuses
+
+
+# -- 7 and 11. files that change after indexing --------------------------------------------------
+
+
+def bad_exif_jpeg() -> bytes:
+    """A JPEG that decodes, but whose EXIF block is damaged so that Pillow's exif_transpose raises."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Camera" * 10
+    base = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(base, "JPEG", exif=exif.tobytes())
+    good = base.getvalue()
+    start = good.find(b"Exif")
+    rng = random.Random(1)
+    for _ in range(5000):
+        mutated = bytearray(good)
+        for _ in range(3):
+            mutated[rng.randrange(start, start + 120)] = rng.randrange(256)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                image = Image.open(io.BytesIO(bytes(mutated)))
+                image.load()
+            except Exception:
+                continue
+            try:
+                ImageOps.exif_transpose(image)
+            except Exception:
+                return bytes(mutated)
+    raise AssertionError("no mutation broke exif_transpose")
+
+
+def test_files_replaced_or_deleted_after_indexing(api_client, tmp_path):
+    client, engine, names = api_client
+    dataset = Path(engine.dataset_root)
+    first = client.get(f"/images/{image_id(names[0])}")
+    thumbnail = client.get(f"/thumbnails/{image_id(names[0])}")
+    assert first.status_code == 200 and thumbnail.status_code == 200
+    (dataset / names[0]).write_bytes(bad_exif_jpeg())
+    for include_images in ("thumbnail", "none"):
+        found = client.post(
+            "/search", json={"similar_to": image_id(names[1]), "include_images": include_images}
+        )
+        assert found.status_code == 200, found.get_json()
+        assert image_id(names[0]) in {hit["id"] for hit in found.get_json()["results"]}
+    changed = client.get(f"/images/{image_id(names[0])}", headers={"If-None-Match": first.headers["ETag"]})
+    assert changed.status_code == 200 and changed.data == (dataset / names[0]).read_bytes()
+    assert changed.headers["ETag"] != first.headers["ETag"]
+    new_thumbnail = client.get(
+        f"/thumbnails/{image_id(names[0])}", headers={"If-None-Match": thumbnail.headers["ETag"]}
+    )
+    assert new_thumbnail.status_code == 200 and new_thumbnail.headers["ETag"] != thumbnail.headers["ETag"]
+    assert new_thumbnail.data != thumbnail.data
+    cached = client.get(f"/thumbnails/{image_id(names[1])}")
+    assert cached.status_code == 200
+    (dataset / names[1]).unlink()
+    for headers in ({}, {"If-None-Match": cached.headers["ETag"]}):
+        for route in ("/thumbnails/", "/images/"):
+            gone = client.get(route + image_id(names[1]), headers=headers)
+            assert gone.status_code == 404 and "no indexed image" in gone.get_json()["error"], route
+
+
+def other_format(kind: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), "blue").save(out, kind)
+    return out.getvalue()
+
+
+def test_uploads_in_rare_formats_and_broken_data_uris_are_refused(api_client):
+    client, _, _ = api_client
+    for kind in ("ICO", "PPM", "SGI", "DDS", "JPEG2000", "TGA"):
+        data = other_format(kind)
+        for body in (
+            {"image": "data:image/x;base64," + base64.b64encode(data).decode()},
+            {"image": base64.b64encode(data).decode()},
+        ):
+            response = client.post("/search", json=body)
+            assert response.status_code == 400 and "unrecognised format" in response.get_json()["error"], kind
+        upload = client.post("/search", data={"image": (io.BytesIO(data), f"x.{kind.lower()}")})
+        assert upload.status_code == 400, kind
+    for uri in ("data:image/png;base64", "data:", "data:image/png,abc", "data:;base64"):
+        response = client.post("/search", json={"image": uri})
+        assert response.status_code == 400 and "data URI" in response.get_json()["error"], uri

@@ -77,10 +77,11 @@ def open_image(source: Path | bytes, max_megapixels: float) -> Image.Image:
         if isinstance(source, bytes):
             if not source:
                 raise ImageLoadError("empty file")
-            image = Image.open(io.BytesIO(source))
-        else:
-            if os.path.getsize(source) == 0:
-                raise ImageLoadError("empty file (0 bytes)")
+            source = io.BytesIO(source)
+        elif os.path.getsize(source) == 0:
+            raise ImageLoadError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data": the EXIF block is just not used
             image = Image.open(source)
     except UnidentifiedImageError:
         raise ImageLoadError("not an image (unrecognised format)") from None
@@ -137,9 +138,11 @@ def _exif_or_none(image: Image.Image) -> Image.Exif | None:
     """The EXIF block as read from the file (before any rotation), its sub-blocks read now while the
     file is open; None when it cannot be read."""
     try:
-        exif = image.getexif()
-        for block in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo):
-            exif.get_ifd(block)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exif = image.getexif()
+            for block in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo):
+                exif.get_ifd(block)
         return exif
     except Exception as error:  # a malformed EXIF block never stops decoding
         log.debug("unreadable EXIF block: %s", error)

@@ -290,23 +290,33 @@ class ImageRetrieval:
     def write(self, ids: list[str], vectors: np.ndarray, metadatas: list[dict[str, Any]]) -> None:
         """Store vectors and metadata (insert or replace), in the collection and the mirror."""
         with self._write_lock, translated_errors(self.settings):
+            stored = self._replacing(ids, metadatas)
             for chunk in batched(list(range(len(ids))), self.client.get_max_batch_size()):
                 self.collection.upsert(
                     ids=[ids[i] for i in chunk],
                     embeddings=np.asarray(vectors[chunk], dtype=np.float32),
-                    metadatas=[_storable(metadatas[i]) for i in chunk],
+                    metadatas=[stored[i] for i in chunk],
                 )
             self.catalog.put(ids, np.asarray(vectors, dtype=np.float32), metadatas)
             self._bump_stamp()
 
     def update_metadata(self, ids: list[str], metadatas: list[dict[str, Any]]) -> None:
         with self._write_lock, translated_errors(self.settings):
+            stored = self._replacing(ids, metadatas)
             for chunk in batched(list(range(len(ids))), self.client.get_max_batch_size()):
-                self.collection.update(
-                    ids=[ids[i] for i in chunk], metadatas=[_storable(metadatas[i]) for i in chunk]
-                )
+                self.collection.update(ids=[ids[i] for i in chunk], metadatas=[stored[i] for i in chunk])
             self.catalog.update_metadata(ids, metadatas)
             self._bump_stamp()
+
+    def _replacing(self, ids: list[str], metadatas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chroma metadata that replaces the stored one: Chroma merges, so a field the image had and has
+        no more (a GPS position gone from an edited photo) is sent as None, which deletes it."""
+        replacing = []
+        for image_id, metadata in zip(ids, metadatas, strict=True):
+            storable = _storable(metadata)
+            before = self.catalog.metadata(image_id) or {}
+            replacing.append(storable | {key: None for key in before if key not in storable})
+        return replacing
 
     def delete(self, ids: list[str]) -> None:
         if not ids:

@@ -77,7 +77,9 @@ def photo_fields(exif: Image.Exif) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for part in (_camera_part, _exposure_part, _taken_part, _position_part):
         try:
-            fields |= part(exif)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fields |= part(exif)
         except Exception as error:  # malformed EXIF data of any kind
             log.debug("unreadable EXIF (%s): %s", part.__name__.strip("_"), error)
     return fields

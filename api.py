@@ -407,6 +407,9 @@ def _http_error_message(error: HTTPException) -> str:
     if isinstance(error, MethodNotAllowed):
         allowed = ", ".join(sorted(set(error.valid_methods or []) - {"HEAD", "OPTIONS"}))
         return f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
+    if isinstance(error, TooManyFormParts):
+        limit = current_app.config["MAX_FORM_PARTS"]
+        return f"the form has too many parts: at most {limit} fields and files"
     if error.code == 413:
         return f"the request is larger than MAX_UPLOAD_MB={current_api().settings.MAX_UPLOAD_MB:g} MB"
     return f"{error.name}: {error.description}"
@@ -443,10 +446,25 @@ def search() -> Response:
 def parsed_search_request() -> SearchRequest:
     mimetype = request.mimetype
     if mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return search_request_from_form(request.form, request.files)
+        return search_request_from_form(*_form_fields())
     if mimetype == "application/json" or mimetype.endswith("+json"):
         return search_request_from_json(json_body(request))
     raise BadRequest("send the search as JSON (application/json) or as multipart/form-data")
+
+
+class TooManyFormParts(RequestEntityTooLarge):
+    """A form of more fields and files than MAX_FORM_PARTS, however small."""
+
+
+def _form_fields() -> tuple[Any, Any]:
+    """The form's fields and files; a form refused for its number of parts is told as such."""
+    try:
+        return request.form, request.files
+    except RequestEntityTooLarge:
+        length = request.content_length
+        if length is not None and length <= current_app.config["MAX_CONTENT_LENGTH"]:
+            raise TooManyFormParts() from None
+        raise
 
 
 def thumbnail(image_id: str) -> Response:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api_requests import CUTOFFS, INCLUDE_IMAGES, MAX_PART_WEIGHT, MODES
+from api_requests import CUTOFFS, INCLUDE_IMAGES, MAX_PART_WEIGHT, MODES, SORTS
 from config import Settings
 
 
@@ -178,6 +178,13 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
             "description": 'e.g. \'tags contains dog and width >= 500\' or {"tags": {"$contains": "dog"}}',
         },
         "mode": {"type": "string", "enum": list(MODES), "default": "vector"},
+        "sort": {
+            "type": "string",
+            "enum": list(SORTS),
+            "default": "relevance",
+            "description": "taken / -taken: the matching images (filters, keyword match, min_score and "
+            "cutoff applied) by date taken, oldest / newest first, images without a date last",
+        },
         "collapse_duplicates": {"type": "boolean", "default": True},
         "include_images": {"type": "string", "enum": list(INCLUDE_IMAGES), "default": "thumbnail"},
     }
@@ -229,7 +236,12 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
             "required": ["query", "mode", "top_k", "offset", "results", "total_results", "has_more"],
             "properties": {
                 "query": {"type": "string", "nullable": True},
-                "mode": {"type": "string", "enum": list(MODES)},
+                "mode": {"type": "string", "enum": list(MODES), "description": "the mode that ranked"},
+                "note": {
+                    "type": "string",
+                    "description": "present when the mode that ranked is not the one asked for, and why "
+                    "(a query without text is ranked by vector in every mode)",
+                },
                 "top_k": {"type": "integer"},
                 "offset": {"type": "integer"},
                 "results": {"type": "array", "items": _ref("Hit")},
@@ -303,6 +315,7 @@ def _hit_schema() -> dict[str, Any]:
                     "keyword_rank": nullable_int,
                     "keyword_score": nullable_number,
                     "matched_terms": {"type": "array", "items": {"type": "string"}},
+                    "fused_score": {**nullable_number, "description": "hybrid: the fused score that ranks"},
                 },
             },
             "image": {

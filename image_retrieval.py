@@ -21,7 +21,7 @@ import numpy as np
 from catalog import Catalog
 from clip_encoder import ClipEncoder
 from config import Settings, load_settings
-from filters import Filter, parse_filter
+from filters import Filter, FilterLimits, check_fields, parse_filter
 from image_io import ImageLoadError, decode_for_model, open_inside
 from indexer import SYSTEM_FIELDS, Indexer, IndexingRefused, IndexSummary, ProgressCallback
 from metadata_import import ImportSummary, MetadataLimits, merge_records, normalised_records
@@ -42,6 +42,8 @@ MODES = ("vector", "keyword", "hybrid")
 # first, images without a date last.
 SORTS = ("relevance", "taken", "-taken")
 MIN_CANDIDATES = 100
+# Fields a filter may always name, even before any image has them.
+FILTER_FIELDS = frozenset({"tags", "description"})
 STALE_CHECK_SECONDS = 1.0
 
 
@@ -408,7 +410,7 @@ class ImageRetrieval:
     def search(self, query: SearchQuery) -> SearchResult:
         top_k = self._validate(query)
         self.refresh_if_stale()
-        image_filter = _parse_filter(query.filters)
+        image_filter = self._filter(query.filters)
         exclude = frozenset(part.id for part in query.parts if part.id is not None)
         keyword_text = " ".join(part.text for part in query.parts if part.text and part.weight > 0)
         note = None
@@ -484,6 +486,19 @@ class ImageRetrieval:
             _Candidate(image_id, score, vector_rank=rank) for rank, (image_id, score) in enumerate(scored, 1)
         ]
         return ranked if mode == "vector" else _fuse(ranked, keyword, self.settings.HYBRID_RRF_K)
+
+    def _filter(self, spec: Any) -> Filter | None:
+        """The parsed filter, checked against the fields the indexed images have."""
+        from filters import FilterError
+
+        limits = FilterLimits(self.settings.MAX_FILTER_CHARS, self.settings.MAX_FILTER_VALUES)
+        try:
+            image_filter = parse_filter(spec, limits)
+            if image_filter is not None and self.count() > 0:
+                check_fields(image_filter, self.catalog.field_names() | SYSTEM_FIELDS | FILTER_FIELDS)
+        except FilterError as error:
+            raise QueryError(str(error)) from None
+        return image_filter
 
     @staticmethod
     def _candidate_pool(query: SearchQuery) -> int:
@@ -763,15 +778,6 @@ def _fuse(vector: list[_Candidate], keyword: list[_Candidate], k: int) -> list[_
             entry.matched_terms = candidate.matched_terms
         entry.fused = (entry.fused or 0.0) + 1.0 / (k + candidate.keyword_rank)
     return sorted(fused.values(), key=lambda candidate: (-candidate.fused, -candidate.score, candidate.id))
-
-
-def _parse_filter(spec: Any) -> Filter | None:
-    from filters import FilterError
-
-    try:
-        return parse_filter(spec)
-    except FilterError as error:
-        raise QueryError(str(error)) from None
 
 
 def _storable(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -292,3 +292,42 @@ def test_uploads_in_rare_formats_and_broken_data_uris_are_refused(api_client):
     for uri in ("data:image/png;base64", "data:", "data:image/png,abc", "data:;base64"):
         response = client.post("/search", json={"image": uri})
         assert response.status_code == 400 and "data URI" in response.get_json()["error"], uri
+
+
+# -- 4, 7 and issue 15: filters -------------------------------------------------------------------
+
+
+def test_filters_are_bounded_checked_and_ignore_case(api_client):
+    client, engine, names = api_client
+
+    def search(filters) -> tuple[int, dict]:
+        response = client.post("/search", json={"query": "a photo", "top_k": 10, "filters": filters})
+        return response.status_code, response.get_json()
+
+    refusals = [
+        ("widht >= 800", "did you mean width?"),
+        ({"widht": {"$gte": 800}}, "did you mean width?"),
+        ("modified > 2024-13-45", "not a valid date"),
+        ({"modified": {"$gt": "2024-02-30"}}, "not a valid date"),
+        ("modified > yesterday", "compares with a date"),
+        ({"tags": {"$in": json.loads("[" * 500 + "]" * 500)}}, "invalid value"),
+        ({"tags": {"$in": [f"t{n}" for n in range(1001)]}}, "MAX_FILTER_VALUES=1000"),
+        ("tags in " + "|".join(f"t{n}" for n in range(1001)), "MAX_FILTER_VALUES=1000"),
+        ("width >= 1 and " * 2000 + "width >= 1", "MAX_FILTER_CHARS=10000"),
+        ("name = " + "x" * 400_000, "MAX_FILTER_CHARS=10000"),
+        ('name = "unclosed', "is not closed"),
+    ]
+    for filters, message in refusals:
+        started = time.monotonic()
+        status, body = search(filters)
+        assert status == 400 and message in body["error"], (str(filters)[:80], body)
+        assert time.monotonic() - started < 5, str(filters)[:80]
+    assert "The indexed images have: " in search("widht >= 800")[1]["error"]
+    stored_format = engine.catalog.metadata(image_id(names[0]))["format"]
+    assert stored_format == "JPEG"
+    for spelling in ("format = jpeg", "format = Jpeg", "format in png|jpeg", {"format": {"$in": ["jpeg"]}}):
+        status, body = search(spelling)
+        assert status == 200 and len(body["results"]) == PHOTOS, spelling
+    assert search("format != jpeg")[1]["results"] == []
+    many = {"format": {"$in": [f"v{n}" for n in range(999)] + ["JPEG"]}}
+    assert len(search(many)[1]["results"]) == PHOTOS

@@ -116,14 +116,21 @@ class Catalog:
             row = self._rows.get(image_id)
             return None if row is None else self._vectors[row].copy()
 
-    def vectors(self, ids: list[str]) -> np.ndarray:
+    def vectors(self, ids: list[str], missing_ok: bool = False) -> np.ndarray:
+        """The vectors of the images; with `missing_ok`, a zero vector for an id removed meanwhile."""
         with self._lock:
-            return self._vectors[[self._rows[image_id] for image_id in ids]].copy()
+            if not missing_ok:
+                return self._vectors[[self._rows[image_id] for image_id in ids]].copy()
+            rows = [self._rows.get(image_id, -1) for image_id in ids]
+            vectors = self._vectors[rows] if rows else np.zeros((0, self.dim), dtype=np.float32)
+            vectors[[i for i, row in enumerate(rows) if row < 0]] = 0.0
+            return vectors
 
     def values(self, ids: list[str], key: str) -> list[Any]:
-        """The metadata field `key` of each image (None where absent)."""
+        """The metadata field `key` of each image (None where absent or removed meanwhile)."""
         with self._lock:
-            return [self._metas[self._rows[image_id]].get(key) for image_id in ids]
+            rows = [self._rows.get(image_id) for image_id in ids]
+            return [None if row is None else self._metas[row].get(key) for row in rows]
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         with self._lock:
@@ -172,4 +179,5 @@ class Catalog:
         return [(ids[i], float(scores[i])) for i in best]
 
     def scores(self, ids: list[str], query: np.ndarray) -> np.ndarray:
-        return self.vectors(ids) @ query if ids else np.zeros(0, dtype=np.float32)
+        """Cosine of each image with `query`; 0 for an id removed meanwhile (a search racing a delete)."""
+        return self.vectors(ids, missing_ok=True) @ query if ids else np.zeros(0, dtype=np.float32)

@@ -42,6 +42,8 @@ MODES = ("vector", "keyword", "hybrid")
 # first, images without a date last.
 SORTS = ("relevance", "taken", "-taken")
 MIN_CANDIDATES = 100
+# Candidates compared at once by near-duplicate folding.
+COLLAPSE_BLOCK = 256
 # Fields a filter may always name, even before any image has them.
 FILTER_FIELDS = frozenset({"tags", "description"})
 STALE_CHECK_SECONDS = 1.0
@@ -424,7 +426,7 @@ class ImageRetrieval:
             ranked = self._ranked_by_relevance(query, vector, keyword_text, mask, exclude, need)
         else:
             ranked = self._ranked_by_date(query, vector, keyword_text, mask, exclude, need)
-        page = ranked[query.offset : need]
+        page = [candidate for candidate in ranked[query.offset : need] if candidate.id in self.catalog]
         hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
         filtered_total = int(mask.sum()) if mask is not None else None
         return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note)
@@ -442,7 +444,7 @@ class ImageRetrieval:
         fetch = max(self._candidate_pool(query), 3 * need)
         while True:
             candidates, exhausted = self._candidates(query.mode, vector, keyword_text, mask, exclude, fetch)
-            ranked = self._refine(candidates, query, vector)
+            ranked = self._refine(candidates, query, vector, need=need)
             if len(ranked) > need or exhausted:
                 return ranked
             fetch *= 4
@@ -466,7 +468,7 @@ class ImageRetrieval:
             key=lambda i: (0, sign * taken[i]) if isinstance(taken[i], (int, float)) else (1, 0.0),
         )
         ordered = [matching[i] for i in order]
-        return self._collapse_prefix(ordered, need) if query.collapse_duplicates else ordered
+        return self._collapse(ordered, need, query.offset) if query.collapse_duplicates else ordered
 
     def _all_candidates(
         self,
@@ -664,7 +666,12 @@ class ImageRetrieval:
         ]
 
     def _refine(
-        self, candidates: list[_Candidate], query: SearchQuery, vector: np.ndarray, collapse: bool = True
+        self,
+        candidates: list[_Candidate],
+        query: SearchQuery,
+        vector: np.ndarray,
+        collapse: bool = True,
+        need: int | None = None,
     ) -> list[_Candidate]:
         """Relevance cuts and near-duplicate collapse, applied in rank order (so pages stay stable)."""
         if query.min_score is not None:
@@ -673,37 +680,54 @@ class ImageRetrieval:
             threshold = adaptive_threshold([candidate.score for candidate in candidates], self.settings)
             candidates = [candidate for candidate in candidates if candidate.score >= threshold]
         if collapse and query.collapse_duplicates and len(candidates) > 1:
-            candidates = self._collapse(candidates)
+            candidates = self._collapse(candidates, need, query.offset)
         return candidates
 
-    def _collapse_prefix(self, candidates: list[_Candidate], need: int) -> list[_Candidate]:
-        """Near-duplicates collapsed in as long a head of the list as gives `need` + 1 kept hits.
+    def _collapse(
+        self, candidates: list[_Candidate], need: int | None = None, offset: int = 0
+    ) -> list[_Candidate]:
+        """Near-duplicates folded into the best of them, in rank order (so pages stay stable).
 
-        Whether a hit is kept depends only on the hits before it, so the head is collapsed exactly as the
-        whole list would be, without comparing every pair of a large matching set.
+        A candidate is kept unless it lies within DUPLICATE_THRESHOLD of a hit kept before it. Candidates
+        are compared block by block with the kept hits only, never all pairs: memory is O(block x kept).
+        Once `need` + 1 hits are kept (enough for the page and `has_more`), the remaining candidates are
+        only matched with the page's hits (from `offset`), to list them as those hits' duplicates.
         """
-        size = need + MIN_CANDIDATES
-        while True:
-            head = self._collapse(candidates[:size]) if size > 1 else candidates[:size]
-            if len(head) > need or size >= len(candidates):
-                return head + candidates[size:]
-            size *= 4
-
-    def _collapse(self, candidates: list[_Candidate]) -> list[_Candidate]:
-        vectors = self.catalog.vectors([candidate.id for candidate in candidates])
-        twins = np.triu(vectors @ vectors.T >= self.settings.DUPLICATE_THRESHOLD, k=1)
         for candidate in candidates:
             candidate.duplicates = []
-        if not twins.any():
-            return candidates
-        kept: list[int] = []
-        for i, candidate in enumerate(candidates):
-            twin = next((k for k in kept if twins[k, i]), None)
-            if twin is None:
-                kept.append(i)
-            else:
-                candidates[twin].duplicates.append(candidate.id)
-        return [candidates[i] for i in kept]
+        limit = len(candidates) if need is None else need + 1
+        vectors = self.catalog.vectors([candidate.id for candidate in candidates], missing_ok=True)
+        kept = _KeptHits(vectors.shape[1], min(limit, len(candidates)), self.settings.DUPLICATE_THRESHOLD)
+        position = 0
+        while position < len(candidates) and len(kept) < limit:
+            block = vectors[position : position + COLLAPSE_BLOCK]
+            for index, twin in kept.fold(block, limit - len(kept)):
+                if twin is None:
+                    kept.rows.append(position + index)
+                else:
+                    candidates[kept.rows[twin]].duplicates.append(candidates[position + index].id)
+            position += min(len(block), kept.scanned)
+        page = kept.rows[offset : limit - 1] if need is not None else []
+        self._attach_duplicates(
+            candidates[position:], vectors[position:], [candidates[i] for i in page], vectors[page]
+        )
+        return [candidates[i] for i in kept.rows]
+
+    def _attach_duplicates(
+        self,
+        rest: list[_Candidate],
+        rest_vectors: np.ndarray,
+        page: list[_Candidate],
+        page_vectors: np.ndarray,
+    ) -> None:
+        """List each remaining candidate under the first page hit it nearly duplicates."""
+        if not rest or not page:
+            return
+        threshold = self.settings.DUPLICATE_THRESHOLD
+        for start in range(0, len(rest), COLLAPSE_BLOCK):
+            twins = rest_vectors[start : start + COLLAPSE_BLOCK] @ page_vectors.T >= threshold
+            for index in np.flatnonzero(twins.any(axis=1)):
+                page[int(np.argmax(twins[index]))].duplicates.append(rest[start + index].id)
 
     def _hit(self, candidate: _Candidate, rank: int) -> Hit:
         metadata = self.catalog.metadata(candidate.id) or {}
@@ -751,6 +775,45 @@ class ImageRetrieval:
 def no_words_note(mode: str) -> str:
     """Why a query without (positive) text was ranked by vector although `mode` was asked for."""
     return f"no text in the query, so it is ranked by vector similarity ({mode} ranking needs words)"
+
+
+class _KeptHits:
+    """The hits kept so far by duplicate folding: their candidate positions and vectors."""
+
+    def __init__(self, dim: int, capacity: int, threshold: float) -> None:
+        self.rows: list[int] = []
+        self.threshold = threshold
+        self.scanned = 0
+        self._vectors = np.zeros((capacity, dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fold(self, block: np.ndarray, room: int) -> list[tuple[int, int | None]]:
+        """For each vector of the block in order: (its index, the kept hit it duplicates or None).
+
+        Stops after `room` new hits are kept; `scanned` says how many of the block were looked at.
+        """
+        before = len(self.rows)
+        against_kept = block @ self._vectors[:before].T >= self.threshold
+        within = block @ block.T >= self.threshold
+        new: list[int] = []
+        outcome: list[tuple[int, int | None]] = []
+        for index in range(len(block)):
+            if len(new) >= room:
+                break
+            earlier = np.flatnonzero(against_kept[index])
+            inside = [k for k, local in enumerate(new) if within[index, local]]
+            if earlier.size:
+                outcome.append((index, int(earlier[0])))
+            elif inside:
+                outcome.append((index, before + inside[0]))
+            else:
+                self._vectors[before + len(new)] = block[index]
+                new.append(index)
+                outcome.append((index, None))
+        self.scanned = len(outcome)
+        return outcome
 
 
 def adaptive_threshold(scores: list[float], settings: Settings) -> float:

@@ -35,6 +35,7 @@ from api_openapi import openapi_document
 from api_requests import (
     BadRequest,
     SearchRequest,
+    explain_request_from_json,
     json_body,
     search_request_from_form,
     search_request_from_json,
@@ -431,6 +432,7 @@ def _internal_error(error: Exception) -> Response:
 def _register_routes(app: Flask) -> None:
     app.add_url_rule("/", "health", health, methods=["GET"])
     app.add_url_rule("/search", "search", search, methods=["POST"])
+    app.add_url_rule("/explain", "explain", explain, methods=["POST"])
     app.add_url_rule("/thumbnails/<image_id>", "thumbnail", thumbnail, methods=["GET"])
     app.add_url_rule("/images/<image_id>", "image", image, methods=["GET"])
     app.add_url_rule("/index", "index_status", index_status, methods=["GET"])
@@ -458,6 +460,15 @@ def parsed_search_request() -> SearchRequest:
     if mimetype == "application/json" or mimetype.endswith("+json"):
         return search_request_from_json(json_body(request))
     raise BadRequest("send the search as JSON (application/json) or as multipart/form-data")
+
+
+def explain() -> Response:
+    """Where an indexed image matches a query: a grid of heat values, computed on demand."""
+    engine = current_api().engine
+    wanted = explain_request_from_json(json_body(request))
+    options = {} if wanted.grid is None else {"grid": wanted.grid}
+    explanation = engine.explain(wanted.image_id, wanted.parts, **options)
+    return jsonify({"id": wanted.image_id, **explanation.as_dict()})
 
 
 def thumbnail(image_id: str) -> Response:

@@ -19,6 +19,7 @@ import numpy as np
 from catalog import Catalog
 from clip_encoder import ClipEncoder
 from config import Settings, load_settings
+from explain import DEFAULT_GRID, MAX_GRID, MIN_GRID, Explanation, heat_map
 from filters import Filter, parse_filter
 from image_io import ImageLoadError, decode_for_model
 from indexer import SYSTEM_FIELDS, Indexer, IndexingRefused, IndexSummary, ProgressCallback
@@ -597,6 +598,25 @@ class ImageRetrieval:
             matched_terms=list(candidate.matched_terms),
             duplicates=list(candidate.duplicates),
         )
+
+    # -- explaining ------------------------------------------------------------------------------
+
+    def explain(self, image_id: str, parts: list[QueryPart], grid: int = DEFAULT_GRID) -> Explanation:
+        """Where the indexed image `image_id` matches the query: a heat map over a grid of cells."""
+        if not isinstance(grid, int) or isinstance(grid, bool) or not MIN_GRID <= grid <= MAX_GRID:
+            raise QueryError(f"grid must be a whole number from {MIN_GRID} to {MAX_GRID}")
+        self._validate(SearchQuery(parts))
+        self.refresh_if_stale()
+        vector = self.query_vector(parts)
+        path = self.image_path(image_id)
+        try:
+            image, _ = decode_for_model(
+                path, 2 * self.encoder.input_resolution, self.settings.MAX_IMAGE_MEGAPIXELS
+            )
+        except (ImageLoadError, OSError):
+            log.warning("cannot explain %s: its file is unreadable", path)
+            raise UnknownImage(image_id) from None
+        return heat_map(self.encoder, image, vector, grid)
 
     # -- files -----------------------------------------------------------------------------------
 

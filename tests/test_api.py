@@ -367,6 +367,7 @@ def test_openapi_document_describes_every_endpoint(openapi):
     assert set(openapi["paths"]) == {
         "/",
         "/search",
+        "/explain",
         "/thumbnails/{image_id}",
         "/images/{image_id}",
         "/index",

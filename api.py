@@ -258,15 +258,18 @@ class Api:
 
     def search(self, search: SearchRequest) -> dict[str, Any]:
         result = self.engine.search(search.query)
-        return {
+        answer = {
             "query": search.text,
-            "mode": search.query.mode,
+            "mode": result.mode,
             "top_k": search.query.top_k or self.settings.TOP_K,
             "offset": search.query.offset,
             "results": self._results(result, search.include_images),
             "total_results": len(result.hits),
             "has_more": result.has_more,
         }
+        if result.note:
+            answer["note"] = result.note
+        return answer
 
     def _results(self, result: SearchResult, include_images: bool) -> list[dict[str, Any]]:
         results = []

@@ -243,7 +243,12 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
             "required": ["query", "mode", "top_k", "offset", "results", "total_results", "has_more"],
             "properties": {
                 "query": {"type": "string", "nullable": True},
-                "mode": {"type": "string", "enum": list(MODES)},
+                "mode": {"type": "string", "enum": list(MODES), "description": "the mode that ranked"},
+                "note": {
+                    "type": "string",
+                    "description": "present when the mode that ranked is not the one asked for, and why "
+                    "(a query without text is ranked by vector in every mode)",
+                },
                 "top_k": {"type": "integer"},
                 "offset": {"type": "integer"},
                 "results": {"type": "array", "items": _ref("Hit")},
@@ -358,6 +363,7 @@ def _hit_schema() -> dict[str, Any]:
                     "keyword_rank": nullable_int,
                     "keyword_score": nullable_number,
                     "matched_terms": {"type": "array", "items": {"type": "string"}},
+                    "fused_score": {**nullable_number, "description": "hybrid: the fused score that ranks"},
                 },
             },
             "image": {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import threading
 import time
@@ -91,6 +92,7 @@ class Hit:
     keyword_score: float | None = None
     matched_terms: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    fused_score: float | None = None
 
     def as_dict(self, with_why: bool = False) -> dict[str, Any]:
         result = {
@@ -108,6 +110,7 @@ class Hit:
                 "keyword_rank": self.keyword_rank,
                 "keyword_score": None if self.keyword_score is None else round(self.keyword_score, 6),
                 "matched_terms": self.matched_terms,
+                "fused_score": None if self.fused_score is None else round(self.fused_score, 6),
             }
         return result
 
@@ -118,6 +121,7 @@ class SearchResult:
     mode: str
     has_more: bool
     filtered_total: int | None = None
+    note: str | None = None
 
     def hit_dicts(self) -> list[dict[str, Any]]:
         """The hits as JSON-ready objects; keyword and hybrid hits say why they matched."""
@@ -132,7 +136,7 @@ class _Candidate:
     keyword_rank: int | None = None
     keyword_score: float | None = None
     matched_terms: tuple[str, ...] = ()
-    fused: float = 0.0
+    fused: float | None = None
     duplicates: list[str] = field(default_factory=list)
 
 
@@ -377,8 +381,10 @@ class ImageRetrieval:
         image_filter = _parse_filter(query.filters)
         exclude = frozenset(part.id for part in query.parts if part.id is not None)
         keyword_text = " ".join(part.text for part in query.parts if part.text and part.weight > 0)
+        note = None
         if query.mode != "vector" and not keyword_text.strip():
-            raise QueryError(f"{query.mode} search needs a text query")
+            note = no_words_note(query.mode)
+            query = dataclasses.replace(query, mode="vector")
         vector = self.query_vector(query.parts)
         mask = self.catalog.mask(image_filter) if image_filter else None
         need = query.offset + top_k
@@ -392,7 +398,7 @@ class ImageRetrieval:
         page = ranked[query.offset : need]
         hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
         filtered_total = int(mask.sum()) if mask is not None else None
-        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total)
+        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note)
 
     @staticmethod
     def _candidate_pool(query: SearchQuery) -> int:
@@ -597,6 +603,7 @@ class ImageRetrieval:
             keyword_score=candidate.keyword_score,
             matched_terms=list(candidate.matched_terms),
             duplicates=list(candidate.duplicates),
+            fused_score=candidate.fused,
         )
 
     # -- explaining ------------------------------------------------------------------------------
@@ -634,6 +641,11 @@ class ImageRetrieval:
         return path
 
 
+def no_words_note(mode: str) -> str:
+    """Why a query without (positive) text was ranked by vector although `mode` was asked for."""
+    return f"no text in the query, so it is ranked by vector similarity ({mode} ranking needs words)"
+
+
 def adaptive_threshold(scores: list[float], settings: Settings) -> float:
     """Keep hits within ADAPTIVE_CUTOFF_RATIO of the way from the best score down to the median.
 
@@ -657,7 +669,7 @@ def _fuse(vector: list[_Candidate], keyword: list[_Candidate], k: int) -> list[_
             entry.keyword_rank = candidate.keyword_rank
             entry.keyword_score = candidate.keyword_score
             entry.matched_terms = candidate.matched_terms
-        entry.fused += 1.0 / (k + candidate.keyword_rank)
+        entry.fused = (entry.fused or 0.0) + 1.0 / (k + candidate.keyword_rank)
     return sorted(fused.values(), key=lambda candidate: (-candidate.fused, -candidate.score, candidate.id))
 
 

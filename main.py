@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 PROMPT = "search> "
 MODES = ("vector", "keyword", "hybrid")
+RANKING_SCORE = {"keyword": "keyword", "hybrid": "fused"}  # the score column's name in those modes
 HISTORY_FILE_NAME = ".repl_history"
 HISTORY_LENGTH = 1000
 HELP = """\
@@ -56,8 +57,9 @@ class Options:
     filters: str | None = None
     min_score: float | None = None
 
-    def describe(self) -> str:
-        parts = [f"k={self.top_k}", f"mode={self.mode}"]
+    def describe(self, mode: str | None = None) -> str:
+        """The options in words; `mode` names the mode that actually ranked, when it differs."""
+        parts = [f"k={self.top_k}", f"mode={mode or self.mode}"]
         if self.filters:
             parts.append(f"filter: {self.filters}")
         if self.min_score is not None:
@@ -173,10 +175,12 @@ class Session:
         )
         result = self.engine.search(query)
         self.last = result
+        if result.note:
+            print(f"note: {result.note}", file=sys.stderr)
         if not result.hits:
-            print(f"no results ({self.options.describe()})")
+            print(f"no results ({self.options.describe(result.mode)})")
             return result
-        print(format_table(result.hits))
+        print(format_table(result.hits, result.mode))
         print(f"grid: {self.save_grid(result, label)}")
         return result
 
@@ -184,8 +188,8 @@ class Session:
         from result_grid import GridCell, save_grid
 
         settings = self.engine.settings
-        cells = [GridCell(grid_title(hit), self.file_of(hit)) for hit in result.hits]
-        heading = f"{label}  ({self.options.describe()})"
+        cells = [GridCell(grid_title(hit, result.mode), self.file_of(hit)) for hit in result.hits]
+        heading = f"{label}  ({self.options.describe(result.mode)})"
         return save_grid(
             cells,
             heading,
@@ -290,18 +294,51 @@ class Session:
         print(f"now: {self.options.describe()}")
 
 
-def format_table(hits: list[Hit]) -> str:
-    """Aligned columns: rank, score, path (and how many near-duplicates were folded into a hit)."""
+def format_table(hits: list[Hit], mode: str = "vector") -> str:
+    """Aligned columns: rank, score, path (and how many near-duplicates were folded into a hit).
+
+    In keyword and hybrid mode the score column is what ranks (the BM25 or the fused score), a cosine
+    column follows it, and each row ends with why it matched, as the web page shows it.
+    """
     rank_width = max(len("rank"), *(len(str(hit.rank)) for hit in hits))
-    lines = [f"{'rank':>{rank_width}}  {'score':>7}  path"]
+    if mode == "vector":
+        lines = [f"{'rank':>{rank_width}}  {'score':>7}  path"]
+    else:
+        lines = [f"{'rank':>{rank_width}}  {RANKING_SCORE[mode]:>8}  {'cosine':>7}  path"]
     for hit in hits:
         folded = f"  (+{len(hit.duplicates)} near-duplicates)" if hit.duplicates else ""
-        lines.append(f"{hit.rank:>{rank_width}}  {hit.score:>7.4f}  {hit.path}{folded}")
+        if mode == "vector":
+            lines.append(f"{hit.rank:>{rank_width}}  {hit.score:>7.4f}  {hit.path}{folded}")
+        else:
+            ranking = f"{ranking_score(hit, mode):>8.5f}"
+            lines.append(
+                f"{hit.rank:>{rank_width}}  {ranking}  {hit.score:>7.4f}  {hit.path}  ({why(hit)}){folded}"
+            )
     return "\n".join(lines)
 
 
-def grid_title(hit: Hit) -> str:
-    return f"#{hit.rank} {hit.score:.3f} {Path(hit.path).name}"
+def ranking_score(hit: Hit, mode: str) -> float:
+    """The score that put the hit at its rank: cosine, BM25 (keyword) or reciprocal-rank fusion."""
+    if mode == "hybrid" and hit.fused_score is not None:
+        return hit.fused_score
+    if mode == "keyword" and hit.keyword_score is not None:
+        return hit.keyword_score
+    return hit.score
+
+
+def why(hit: Hit) -> str:
+    """The rank reasons of a keyword or hybrid hit: `vector #3, keyword #1: dog, park`."""
+
+    def rank(value: int | None) -> str:
+        return "–" if value is None else f"#{value}"
+
+    terms = f": {', '.join(hit.matched_terms)}" if hit.matched_terms else ""
+    return f"vector {rank(hit.vector_rank)}, keyword {rank(hit.keyword_rank)}{terms}"
+
+
+def grid_title(hit: Hit, mode: str = "vector") -> str:
+    digits = 3 if mode == "vector" else 4
+    return f"#{hit.rank} {ranking_score(hit, mode):.{digits}f} {Path(hit.path).name}"
 
 
 # -- the prompt -----------------------------------------------------------------------------------

@@ -286,13 +286,8 @@
     return Boolean(state.query || state.image || state.similarTo);
   }
 
-  /** Image and more-like-this queries have no words, so they always rank by vector similarity. */
-  function effectiveMode() {
-    return state.query ? state.mode : "vector";
-  }
-
   function requestBody() {
-    const body = { top_k: state.topK, offset: (state.page - 1) * state.topK, mode: effectiveMode() };
+    const body = { top_k: state.topK, offset: (state.page - 1) * state.topK, mode: state.mode };
     if (state.query) body.query = state.query;
     if (state.image) body.image = state.image;
     if (state.similarTo) body.similar_to = state.similarTo;
@@ -608,11 +603,13 @@
       return;
     }
     const first = (state.page - 1) * state.topK + 1;
-    const mode = data.mode || effectiveMode();
+    /* The API says which mode ranked: a query without text is ranked by vector in every mode, with a note. */
+    const mode = data.mode || state.mode;
     setStatus(
       "results",
       node("span", { class: "summary", text: `Results ${first}–${first + results.length - 1}` }),
       node("span", { class: "mode-badge", text: `${mode[0].toUpperCase()}${mode.slice(1)} search` }),
+      ...(data.note ? [node("span", { class: "mode-note", text: data.note })] : []),
     );
   }
 

@@ -452,11 +452,28 @@ def test_search_errors_are_clear_json(server, photos):
         assert_no_leak(response.text, dataset)
 
 
-def test_keyword_mode_needs_text(server, photos):
-    ids = ids_by_path(server.url)
-    some_id = next(iter(ids.values()))
-    refused = search(server.url, expected=400, similar_to=some_id, mode="keyword")
-    assert "needs a text query" in refused["error"]
+@pytest.mark.parametrize("mode", ["keyword", "hybrid"])
+def test_a_query_without_text_ranks_by_vector_in_any_mode(server, photos, openapi, mode):
+    dataset, annotations = photos
+    some_id = next(iter(ids_by_path(server.url).values()))
+    by_vector = search(server.url, similar_to=some_id, top_k=5, include_images="none")
+    asked = search(server.url, similar_to=some_id, top_k=5, include_images="none", mode=mode)
+    assert by_vector["mode"] == "vector" and "note" not in by_vector
+    assert asked["mode"] == "vector" and mode in asked["note"] and "vector" in asked["note"]
+    assert [hit["id"] for hit in asked["results"]] == [hit["id"] for hit in by_vector["results"]]
+    assert_matches_schema(openapi, "SearchResponse", asked)
+
+    upload = {"image": ("query.jpg", (dataset / annotations[0]["image"]).read_bytes(), "image/jpeg")}
+    response = requests.post(
+        f"{server.url}/search", files=upload, data={"mode": mode, "include_images": "none"}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["mode"] == "vector" and answer["note"] == asked["note"]
+    assert answer["results"][0]["path"] == annotations[0]["image"]
+
+    with_words = search(server.url, query="a photo", top_k=3, mode=mode, include_images="none")
+    assert with_words["mode"] == mode and "note" not in with_words
 
 
 def test_upload_errors(server, photos):

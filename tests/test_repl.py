@@ -23,7 +23,7 @@ from api_server import settings_env
 from PIL import Image, ImageOps
 
 from config import Settings
-from image_retrieval import ImageRetrieval, QueryPart, SearchQuery
+from image_retrieval import ImageRetrieval, QueryPart, SearchQuery, no_words_note
 from result_grid import GridLayout
 from store import DatabaseLock
 
@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "search> "
 IMAGES = 12
 ROW = re.compile(r"^\s*(\d+)\s+(-?\d+\.\d{4})\s+(\S+)")
+RANKED_ROW = re.compile(
+    r"^\s*(\d+)\s+(\d+\.\d{5})\s+(-?\d+\.\d{4})\s+(\S+)\s+\((vector \S+, keyword \S+.*)\)$"
+)
 GRID = re.compile(r"^grid: (\S+\.png)$", re.MULTILINE)
 START_TIMEOUT = 240
 ANSWER_TIMEOUT = 120
@@ -106,10 +109,22 @@ def run_main(settings: Settings, *args: str) -> subprocess.CompletedProcess:
 
 
 def table_rows(lines: list[str]) -> list[tuple[int, float, str]]:
-    assert lines[0].split() == ["rank", "score", "path"], lines
-    rows = [ROW.match(line) for line in lines[1:] if not line.startswith("grid: ")]
+    """(rank, the score that ranks, path) of each row; in keyword and hybrid mode a cosine column and
+    the rank reasons follow that score."""
+    header = lines[0].split()
+    if header[1] == "score":
+        assert header == ["rank", "score", "path"], lines
+        rows = [ROW.match(line) for line in lines[1:] if not line.startswith("grid: ")]
+        assert all(rows), lines
+        return [(int(row[1]), float(row[2]), row[3]) for row in rows]
+    assert header in (["rank", "fused", "cosine", "path"], ["rank", "keyword", "cosine", "path"]), lines
+    rows = [RANKED_ROW.match(line) for line in lines[1:] if not line.startswith("grid: ")]
     assert all(rows), lines
-    return [(int(row[1]), float(row[2]), row[3]) for row in rows]
+    return [(int(row[1]), float(row[2]), row[4]) for row in rows]
+
+
+def ranking_score(hit, mode: str) -> float:
+    return {"hybrid": hit.fused_score, "keyword": hit.keyword_score}.get(mode, hit.score)
 
 
 def grid_path(lines: list[str]) -> Path:
@@ -182,7 +197,8 @@ def check_against_engine(settings: Settings, searches: list[Printed]) -> None:
             query = printed.query
             if printed.more_like is not None:
                 query.parts = [QueryPart(id=id_of[printed.more_like])]
-            expected = [(hit.rank, hit.score, hit.path) for hit in engine.search(query).hits]
+            result = engine.search(query)
+            expected = [(hit.rank, ranking_score(hit, result.mode), hit.path) for hit in result.hits]
             assert [(rank, path) for rank, _, path in printed.rows] == [(r, p) for r, _, p in expected]
             for (_, score, _), (_, exact, _) in zip(printed.rows, expected, strict=True):
                 assert abs(score - exact) <= 6e-5
@@ -199,8 +215,13 @@ def test_interactive_session(indexed: Settings, tmp_path: Path):
     example = sorted(tags)[3]
     searches: list[Printed] = []
 
-    def search(line: str, query: SearchQuery, more_like: str | None = None) -> list[tuple[int, float, str]]:
+    def search(
+        line: str, query: SearchQuery, more_like: str | None = None, note: str | None = None
+    ) -> list[tuple[int, float, str]]:
         lines = ask(child, line)
+        if note is not None:
+            assert lines[0] == f"note: {note}", lines
+            lines = lines[1:]
         rows = table_rows(lines)
         png = grid_path(lines)
         assert png.parent == Path(settings.RESULTS_FOLDER) and png.is_file()
@@ -248,14 +269,19 @@ def test_interactive_session(indexed: Settings, tmp_path: Path):
     word = json.loads((dataset / "metadata.json").read_text())[0]["description"].split()[-1].strip(".")
     assert ask(child, ":mode hybrid") == ["mode: hybrid"]
     one_error_line(ask(child, ":mode fuzzy"), "vector, keyword, hybrid")
-    search(word, SearchQuery([QueryPart(text=word)], top_k=3, mode="hybrid"))
-    assert ask(child, ":mode vector") == ["mode: vector"]
+    rows = search(word, SearchQuery([QueryPart(text=word)], top_k=3, mode="hybrid"))
+    assert [score for _, score, _ in rows] == sorted((score for _, score, _ in rows), reverse=True)
 
-    rows = search(f":image {dataset / example}", SearchQuery([QueryPart(image=dataset / example)], top_k=3))
+    # No words to match: :image and :more rank by vector in hybrid mode too, and say so.
+    by_vector = no_words_note("hybrid")
+    image_query = SearchQuery([QueryPart(image=dataset / example)], top_k=3)
+    rows = search(f":image {dataset / example}", image_query, note=by_vector)
     assert rows[0][2] == example and rows[0][1] > 0.999
     second = rows[1][2]
-    more = search(":more 2", SearchQuery([], top_k=3), more_like=second)
+    more = search(":more 2", SearchQuery([], top_k=3), more_like=second, note=by_vector)
     assert second not in [path for _, _, path in more]
+    assert ask(child, ":mode vector") == ["mode: vector"]
+    assert search(f":image {dataset / example}", image_query) == rows
     assert ask(child, ":open 1") == [str((dataset / more[0][2]).resolve())]
     one_error_line(ask(child, ":open 9"), "1 to 3")
 
@@ -310,6 +336,11 @@ def test_one_shot_text_and_image(indexed: Settings):
     rows = table_rows(done.stdout.splitlines())
     assert len(rows) == 4 and rows[0][2] == example
     check_grid(grid_path(done.stdout.splitlines()), rows, dataset)
+
+    done = run_main(indexed, "--image", str(dataset / example), "--top-k", "4", "--mode", "hybrid")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == f"note: {no_words_note('hybrid')}"
+    assert table_rows(done.stdout.splitlines()) == rows
 
     searches = [
         Printed(SearchQuery([QueryPart(text="a dog in the snow")], top_k=8), table_rows(lines), png),

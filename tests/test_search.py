@@ -158,7 +158,6 @@ def test_query_validation(coco_engine):
         (SearchQuery([QueryPart(text="   ")]), "empty"),
         (SearchQuery([QueryPart(text="x" * 5000)]), "longer"),
         (SearchQuery([QueryPart(text="x", id="y")]), "exactly one"),
-        (SearchQuery([QueryPart(image=b"x")], mode="keyword"), "needs a text"),
         (SearchQuery([QueryPart(text="x")], filters="tags contains"), "FIELD OPERATOR VALUE"),
     ]
     for query, message in cases:
@@ -224,7 +223,14 @@ def test_hybrid_query_explains_each_hit(coco_engine, coco_source):
     fused = []
     for hit in result.hits:
         why = hit.as_dict(with_why=True)["why"]
-        assert set(why) == {"vector_rank", "vector_score", "keyword_rank", "keyword_score", "matched_terms"}
+        assert set(why) == {
+            "vector_rank",
+            "vector_score",
+            "keyword_rank",
+            "keyword_score",
+            "matched_terms",
+            "fused_score",
+        }
         assert hit.vector_rank == vector_ids[hit.id].rank
         assert why["vector_score"] == pytest.approx(vector_ids[hit.id].score, abs=1e-6)
         if hit.id in keyword_ids:
@@ -233,9 +239,29 @@ def test_hybrid_query_explains_each_hit(coco_engine, coco_source):
         else:
             assert hit.keyword_rank is None and hit.matched_terms == []
         fused.append(sum(1 / (60 + rank) for rank in (hit.vector_rank, hit.keyword_rank) if rank))
+        assert hit.fused_score == pytest.approx(fused[-1]) and why["fused_score"] == round(fused[-1], 6)
     assert fused == sorted(fused, reverse=True)
     assert any(hit.keyword_rank for hit in result.hits)
     assert all(hit["why"] for hit in result.hit_dicts())
+
+
+@pytest.mark.parametrize("mode", ["keyword", "hybrid"])
+def test_a_query_without_text_ranks_by_vector_in_any_mode(coco_engine, mode):
+    """An image, an id, or only negative text: no words to match, so the vector ranking and a note."""
+    some_id = next(iter(coco_engine.catalog.items()))[0]
+    for parts in (
+        [QueryPart(id=some_id)],
+        [QueryPart(id=some_id), QueryPart(text="people", weight=-0.5)],
+    ):
+        vector = coco_engine.search(SearchQuery(parts, top_k=6))
+        asked = coco_engine.search(SearchQuery(parts, top_k=6, mode=mode))
+        assert asked.mode == "vector" and vector.note is None
+        assert mode in asked.note and "vector" in asked.note
+        assert [(hit.id, hit.score) for hit in asked.hits] == [(hit.id, hit.score) for hit in vector.hits]
+        assert all(hit.fused_score is None for hit in asked.hits)
+        assert "why" not in asked.hit_dicts()[0]
+    with_words = coco_engine.search(SearchQuery([QueryPart(text="a dog")], top_k=3, mode=mode))
+    assert with_words.mode == mode and with_words.note is None
 
 
 def test_filter_keeps_only_tagged_images_in_exact_cosine_order(coco_engine, coco_source):

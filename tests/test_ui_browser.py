@@ -15,7 +15,7 @@ import requests
 from api_server import ApiServer, free_port
 from conftest import make_settings
 
-from image_retrieval import ImageRetrieval
+from image_retrieval import ImageRetrieval, no_words_note
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -217,6 +217,19 @@ def test_more_like_this_replaces_results_and_excludes_the_image(page, server):
     assert url_state(page)["similar_to"] == chosen
     assert page.locator("#query").input_value() == ""
     assert "Similar to" in page.locator("#query-chips").inner_text()
+
+
+def test_more_like_this_in_hybrid_mode_ranks_by_vector_and_says_so(page, server):
+    open_search(page, ui_url(server, q="a street", top_k=6, mode="hybrid"))
+    assert "Hybrid search" in page.locator("#status").inner_text()
+    chosen = card_ids(page)[1]
+    page.locator("#grid .card-button").nth(1).click()
+    wait_for_search(page, lambda: page.click("#more-like-this"))
+
+    assert card_ids(page) == [hit["id"] for hit in api_search(server, similar_to=chosen, top_k=6)]
+    status = page.locator("#status").inner_text()
+    assert "Vector search" in status and no_words_note("hybrid") in status
+    assert url_state(page)["mode"] == "hybrid"
 
 
 def test_file_pick_runs_an_image_search(page, server, ui_dataset):

@@ -266,6 +266,8 @@ class Api:
             "results": self._results(result, search.include_images),
             "total_results": len(result.hits),
             "has_more": result.has_more,
+            "total": result.total,
+            "total_exact": result.total_exact,
         }
         if result.note:
             answer["note"] = result.note

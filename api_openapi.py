@@ -252,8 +252,14 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
                 "top_k": {"type": "integer"},
                 "offset": {"type": "integer"},
                 "results": {"type": "array", "items": _ref("Hit")},
-                "total_results": {"type": "integer"},
+                "total_results": {"type": "integer", "description": "results on this page"},
                 "has_more": {"type": "boolean"},
+                "total": {
+                    "type": "integer",
+                    "nullable": True,
+                    "description": "results in all: exact if total_exact, else an estimate; null: unknown",
+                },
+                "total_exact": {"type": "boolean"},
             },
         },
         "Health": {

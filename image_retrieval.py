@@ -122,6 +122,8 @@ class SearchResult:
     has_more: bool
     filtered_total: int | None = None
     note: str | None = None
+    total: int | None = None
+    total_exact: bool = False
 
     def hit_dicts(self) -> list[dict[str, Any]]:
         """The hits as JSON-ready objects; keyword and hybrid hits say why they matched."""
@@ -398,7 +400,25 @@ class ImageRetrieval:
         page = ranked[query.offset : need]
         hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
         filtered_total = int(mask.sum()) if mask is not None else None
-        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note)
+        total, exact = self._total(query, ranked, exhausted, filtered_total, exclude)
+        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note, total, exact)
+
+    def _total(
+        self,
+        query: SearchQuery,
+        ranked: list[_Candidate],
+        exhausted: bool,
+        filtered_total: int | None,
+        exclude: frozenset[str],
+    ) -> tuple[int | None, bool]:
+        """How many results the query has in all: exact when every candidate was ranked, else an
+        estimate where the vector ranking keeps every selected image (no score cut), else unknown."""
+        if exhausted:
+            return len(ranked), True
+        if query.mode == "vector" and query.min_score is None and query.cutoff != "adaptive":
+            selected = self.count() if filtered_total is None else filtered_total
+            return max(len(ranked), selected - len(exclude)), False
+        return None, False
 
     @staticmethod
     def _candidate_pool(query: SearchQuery) -> int:

@@ -204,6 +204,7 @@ def test_text_search_returns_ranked_thumbnails(server, photos, openapi):
     assert_matches_schema(openapi, "SearchResponse", found)
     assert found["query"] == "a dog playing in the park" and found["mode"] == "vector"
     assert found["total_results"] == len(found["results"]) == 5 and found["has_more"] is True
+    assert found["total"] == PHOTOS and found["total_exact"] is True
     assert [hit["rank"] for hit in found["results"]] == [1, 2, 3, 4, 5]
     scores = [hit["score"] for hit in found["results"]]
     assert scores == sorted(scores, reverse=True)

@@ -15,8 +15,6 @@
   const HIDDEN_FACTS = new Set(["path", "name", "description", "content_hash", "indexed", "tags"]);
   const MODES = ["vector", "keyword", "hybrid"];
   const EXPLAIN_GRID = 6;
-  /** Row height of the justified grid before rows are stretched to the full width. */
-  const ROW_HEIGHT = { wide: 220, narrow: 130 };
 
   const $ = (id) => document.getElementById(id);
   const el = {

@@ -1111,7 +1111,7 @@
     el.heatOverlay.replaceChildren(...cells);
     el.heatOverlay.hidden = false;
     placeHeatOverlay();
-    el.heatStatus.textContent = "Warmer areas match the query better.";
+    el.heatStatus.textContent = "The clear areas match the query best; dimmed areas match less.";
   }
 
   /** The overlay covers the photo as drawn (object-fit: contain), not the whole frame. */

@@ -11,7 +11,7 @@ import numpy as np
 from flask import Request
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from image_retrieval import MODES, QueryPart, SearchQuery, data_uri_bytes
+from image_retrieval import MODES, SORTS, QueryPart, SearchQuery, data_uri_bytes
 
 SEARCH_FIELDS = frozenset(
     {
@@ -25,6 +25,7 @@ SEARCH_FIELDS = frozenset(
         "cutoff",
         "filters",
         "mode",
+        "sort",
         "collapse_duplicates",
         "include_images",
     }
@@ -142,6 +143,7 @@ def _search_request(values: dict[str, Any]) -> SearchRequest:
         cutoff=_choice(values, "cutoff", CUTOFFS, None),
         filters=_filters(values.get("filters")),
         mode=_choice(values, "mode", MODES, "vector"),
+        sort=_choice(values, "sort", SORTS, "relevance"),
         collapse_duplicates=_typed(values, "collapse_duplicates", bool, True),
     )
     return SearchRequest(query, text, include_images == "thumbnail")

@@ -181,7 +181,11 @@ def _explain_part(name: str, value: Any) -> QueryPart:
             isinstance(item, int | float) and not isinstance(item, bool) for item in value
         ):
             raise BadRequest("vector must be a list of numbers")
-        vector = np.asarray(value, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            try:
+                vector = np.asarray(value, dtype=np.float32)
+            except OverflowError:
+                raise BadRequest("vector must hold finite numbers") from None
         if not np.isfinite(vector).all():
             raise BadRequest("vector must hold finite numbers")
         return QueryPart(vector=vector)

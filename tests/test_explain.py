@@ -114,6 +114,7 @@ def test_post_explain_answers_heat_and_clear_errors(composite_index):
                 ({"id": ids["left"], "query": "a dog", "vector": [1.0]}, 400, "exactly one of"),
                 ({"id": ids["left"], "vector": [1.0, 2.0]}, 400, "numbers"),
                 ({"id": ids["left"], "vector": ["x"]}, 400, "list of numbers"),
+                ({"id": ids["left"], "vector": [10**400]}, 400, "finite"),
                 ({"id": ids["left"], "query": "a dog", "grid": 99}, 400, "grid"),
                 ({"id": ids["left"], "query": "a dog", "colour": 1}, 400, "unknown field 'colour'"),
                 ({"id": "nope", "query": "a dog"}, 404, "no indexed image"),

@@ -250,7 +250,13 @@ def test_next_page_starts_below_the_sticky_header(open_page, server):
     page = open_page(viewport=PHONE)
     search_for(page, server, "food on a table", top_k=20)
     page.locator("#next-page").scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)  # the page asks for the next page's answer while this one is read
+    asked: list[dict] = []
+    page.on(
+        "request", lambda sent: asked.append(sent.post_data_json) if sent.url.endswith("/search") else None
+    )
     turn_page(page, "#next-page")
+    assert 20 not in [body["offset"] for body in asked], "Next waited for a search: it was not prefetched"
     page.wait_for_function("() => document.activeElement === document.querySelector('#results')")
     shot(page, "after_next")
     top = header_bottom(page)

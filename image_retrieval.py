@@ -21,6 +21,7 @@ import numpy as np
 from catalog import Catalog
 from clip_encoder import ClipEncoder
 from config import Settings, load_settings
+from explain import DEFAULT_GRID, MAX_GRID, MIN_GRID, Explanation, heat_map
 from filters import Filter, FilterLimits, check_fields, parse_filter
 from image_io import ImageLoadError, decode_for_model, open_inside
 from indexer import SYSTEM_FIELDS, Indexer, IndexingRefused, IndexSummary, ProgressCallback
@@ -42,8 +43,10 @@ MODES = ("vector", "keyword", "hybrid")
 # first, images without a date last.
 SORTS = ("relevance", "taken", "-taken")
 MIN_CANDIDATES = 100
-# Candidates compared at once by near-duplicate folding.
+# Candidates compared at once by near-duplicate folding; up to FULL_FOLD_MAX candidates are all folded
+# (for an exact total), more only until the page is full.
 COLLAPSE_BLOCK = 256
+FULL_FOLD_MAX = 5000
 # Fields a filter may always name, even before any image has them.
 FILTER_FIELDS = frozenset({"tags", "description"})
 STALE_CHECK_SECONDS = 1.0
@@ -130,6 +133,8 @@ class SearchResult:
     has_more: bool
     filtered_total: int | None = None
     note: str | None = None
+    total: int | None = None
+    total_exact: bool = False
 
     def hit_dicts(self) -> list[dict[str, Any]]:
         """The hits as JSON-ready objects; keyword and hybrid hits say why they matched."""
@@ -423,13 +428,15 @@ class ImageRetrieval:
         mask = self.catalog.mask(image_filter) if image_filter else None
         need = query.offset + top_k
         if query.sort == "relevance":
-            ranked = self._ranked_by_relevance(query, vector, keyword_text, mask, exclude, need)
+            ranked, exhausted = self._ranked_by_relevance(query, vector, keyword_text, mask, exclude, need)
         else:
             ranked = self._ranked_by_date(query, vector, keyword_text, mask, exclude, need)
+            exhausted = not query.collapse_duplicates  # else only the first pages are collapsed
         page = [candidate for candidate in ranked[query.offset : need] if candidate.id in self.catalog]
         hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
         filtered_total = int(mask.sum()) if mask is not None else None
-        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note)
+        total, exact = self._total(query, ranked, exhausted, filtered_total, exclude)
+        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note, total, exact)
 
     def _ranked_by_relevance(
         self,
@@ -439,14 +446,15 @@ class ImageRetrieval:
         mask: np.ndarray | None,
         exclude: frozenset[str],
         need: int,
-    ) -> list[_Candidate]:
-        """The best matches, at least `need` + 1 of them when there are that many."""
+    ) -> tuple[list[_Candidate], bool]:
+        """The best matches (at least `need` + 1 when there are that many), and whether that is all."""
         fetch = max(self._candidate_pool(query), 3 * need)
         while True:
             candidates, exhausted = self._candidates(query.mode, vector, keyword_text, mask, exclude, fetch)
-            ranked = self._refine(candidates, query, vector, need=need)
+            fold_all = exhausted and len(candidates) <= FULL_FOLD_MAX  # then the total is exact
+            ranked = self._refine(candidates, query, vector, need=None if fold_all else need)
             if len(ranked) > need or exhausted:
-                return ranked
+                return ranked, exhausted and (fold_all or not query.collapse_duplicates)
             fetch *= 4
 
     def _ranked_by_date(
@@ -501,6 +509,23 @@ class ImageRetrieval:
         except FilterError as error:
             raise QueryError(str(error)) from None
         return image_filter
+
+    def _total(
+        self,
+        query: SearchQuery,
+        ranked: list[_Candidate],
+        exhausted: bool,
+        filtered_total: int | None,
+        exclude: frozenset[str],
+    ) -> tuple[int | None, bool]:
+        """How many results the query has in all: exact when every candidate was ranked, else an
+        estimate where the vector ranking keeps every selected image (no score cut), else unknown."""
+        if exhausted:
+            return len(ranked), True
+        if query.mode == "vector" and query.min_score is None and query.cutoff != "adaptive":
+            selected = self.count() if filtered_total is None else filtered_total
+            return max(len(ranked), selected - len(exclude)), False
+        return None, False
 
     @staticmethod
     def _candidate_pool(query: SearchQuery) -> int:
@@ -744,6 +769,25 @@ class ImageRetrieval:
             duplicates=list(candidate.duplicates),
             fused_score=candidate.fused,
         )
+
+    # -- explaining ------------------------------------------------------------------------------
+
+    def explain(self, image_id: str, parts: list[QueryPart], grid: int = DEFAULT_GRID) -> Explanation:
+        """Where the indexed image `image_id` matches the query: a heat map over a grid of cells."""
+        if not isinstance(grid, int) or isinstance(grid, bool) or not MIN_GRID <= grid <= MAX_GRID:
+            raise QueryError(f"grid must be a whole number from {MIN_GRID} to {MAX_GRID}")
+        self._validate(SearchQuery(parts))
+        self.refresh_if_stale()
+        vector = self.query_vector(parts)
+        path = self.image_path(image_id)
+        try:
+            image, _ = decode_for_model(
+                path, 2 * self.encoder.input_resolution, self.settings.MAX_IMAGE_MEGAPIXELS
+            )
+        except (ImageLoadError, OSError):
+            log.warning("cannot explain %s: its file is unreadable", path)
+            raise UnknownImage(image_id) from None
+        return heat_map(self.encoder, image, vector, grid)
 
     # -- files -----------------------------------------------------------------------------------
 

@@ -374,3 +374,37 @@ def test_an_edited_photo_loses_the_fields_it_no_longer_has(photo_library, settin
     with ImageRetrieval(settings) as reopened:
         edited = by_name(reopened)["a.jpg"]
         assert not {"place", "latitude", "taken"} & set(edited) and edited["camera"] == "Apple iPhone 12"
+
+
+def test_repl_sort_command_and_cli_flag(photo_library, settings_for, capsys):
+    from main import Options, Session, options_from, parse_args
+
+    settings = settings_for(photo_library)
+    assert options_from(parse_args(["beach", "--sort=-taken"]), settings).sort == "-taken"
+    with ImageRetrieval(settings) as engine:
+        engine.index_folder()
+        session = Session(engine, Options(top_k=3))
+        session.handle(":sort newest")
+        assert "the order is one of relevance, taken, -taken" in capsys.readouterr().err
+        session.handle(":sort -taken")
+        assert session.options.sort == "-taken" and "sort=-taken" in session.options.describe()
+        capsys.readouterr()
+        session.handle("a photo")
+        table = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in table[1:4]] == ["trip/e.avif", "trip/c.jpg", "trip/a.jpg"]
+
+
+def test_embed_images_refreshes_an_old_index_and_says_how_many(photo_library, settings_for):
+    from test_indexing import run_embed
+
+    settings = settings_for(photo_library)
+    with ImageRetrieval(settings) as engine:
+        engine.index_folder()
+        ids = [image_id for image_id, _ in engine.catalog.items()]
+        stale = {key: None for key in ("photo_metadata", *indexer.PHOTO_FIELDS)}
+        engine.collection.update(ids=ids, metadatas=[stale] * len(ids))
+    done = run_embed(settings)
+    assert done.returncode == 0, done.stderr
+    assert "unchanged 8, failed 0; photo metadata refreshed 8 (not re-encoded); encoded 0 in" in done.stdout
+    with ImageRetrieval(settings) as reopened:
+        assert by_name(reopened)["e.avif"]["country"] == "Australia"

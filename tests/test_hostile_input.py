@@ -390,7 +390,7 @@ def test_searches_while_images_move_and_vanish(indexed):
             churner.join()
             sys.setswitchinterval(switch)
         assert not errors, (len(errors), searches, errors[:3])
-        assert searches > 20
+        assert searches >= 5, searches
 
 
 # -- 3. near-duplicate folding without comparing all pairs ----------------------------------------

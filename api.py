@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hmac
 import ipaddress
 import json
 import logging
 import math
-import re
 import signal
 import sys
 import threading
@@ -28,9 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request, send_file, send_from_directory
-from flask_cors import CORS
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
+from api_access import (
+    TOKEN_FILE_NAME,
+    AccessPolicy,
+    HostPolicy,
+    cors_origin_patterns,
+    foreign_origin,
+    load_or_create_token,
+)
 from api_openapi import openapi_document
 from api_requests import (
     BadRequest,
@@ -56,8 +61,8 @@ ROOT = Path(__file__).resolve().parent
 THUMBNAIL_CACHE_BYTES = 64 * 1024 * 1024
 CACHE_SECONDS = 300
 RATE_WINDOW_SECONDS = 60.0
-PUBLIC_PATHS = ("/", "/ui")
-PUBLIC_PREFIXES = ("/static/",)
+PAGE_PATHS = ("/ui",)
+PAGE_PREFIXES = ("/static/",)
 
 
 # -- thumbnails ----------------------------------------------------------------------------------
@@ -237,11 +242,16 @@ class Api:
         self.index_job = IndexJob(engine)
         self.thumbnails = ThumbnailCache()
         self.rate_limiter = RateLimiter(settings.RATE_LIMIT_PER_MINUTE)
+        self.hosts = HostPolicy.from_settings(settings.API_HOST, settings.allowed_hosts)
+        self.access = AccessPolicy(
+            token=settings.API_TOKEN or load_or_create_token(Path(settings.CHROMA_DB_PATH)),
+            token_is_set=bool(settings.API_TOKEN),
+            trusted_origins=tuple(cors_origin_patterns(settings.cors_origins)),
+        )
 
     @property
     def cache_control(self) -> str:
-        scope = "private" if self.settings.API_TOKEN else "public"
-        return f"{scope}, max-age={CACHE_SECONDS}"
+        return f"private, max-age={CACHE_SECONDS}"
 
     def health(self) -> dict[str, Any]:
         self.engine.refresh_if_stale()
@@ -330,16 +340,9 @@ def create_app(settings: Settings | None = None, engine: ImageRetrieval | None =
     app.config.update(MAX_CONTENT_LENGTH=max_bytes, MAX_FORM_MEMORY_SIZE=max_bytes)
     app.json.sort_keys = False
     app.extensions["image_search_api"] = Api(settings, engine)
-    CORS(
-        app,
-        origins=cors_origin_patterns(settings.cors_origins),
-        allow_headers=["Authorization", "Content-Type", "If-None-Match"],
-        expose_headers=["ETag", "Retry-After"],
-        max_age=600,
-    )
     _log_requests(app)
     app.before_request(guard_request)
-    app.after_request(add_security_headers)
+    app.after_request(add_response_headers)
     _register_error_handlers(app)
     _register_routes(app)
     return app
@@ -375,22 +378,15 @@ def _printable(text: str) -> str:
     return text.translate(CONTROL_CHARACTERS)
 
 
-def cors_origin_patterns(origins: list[str]) -> list[str | re.Pattern[str]]:
-    """Allowed origins; one given without a port also allows every port of that host."""
-    patterns: list[str | re.Pattern[str]] = []
-    for origin in origins:
-        if origin == "*":
-            patterns.append("*")
-        elif re.search(r":\d+$", origin) or origin == "null":
-            patterns.append(re.compile(re.escape(origin) + "$", re.IGNORECASE))
-        else:
-            patterns.append(re.compile(re.escape(origin) + r"(:\d+)?$", re.IGNORECASE))
-    return patterns
-
-
 def guard_request() -> Response | None:
-    """Rate limit, upload size and token, before any route runs."""
+    """Host, rate limit, upload size and token, before any route runs (README, Security)."""
     api = current_api()
+    if not api.hosts.allows(request.host):
+        return error_response(
+            403,
+            f"this server does not answer to the host name {request.host!r}: "
+            "add it to ALLOWED_HOSTS to allow it",
+        )
     retry_after = api.rate_limiter.retry_after(request.remote_addr or "unknown")
     if retry_after > 0:
         return error_response(
@@ -400,28 +396,21 @@ def guard_request() -> Response | None:
         )
     if request.content_length and request.content_length > current_app.config["MAX_CONTENT_LENGTH"]:
         raise RequestEntityTooLarge()
-    if request.method == "OPTIONS" or not api.settings.API_TOKEN or _is_public(request.path):
+    if request.method == "OPTIONS" or _is_public(request.path) or api.access.authorised(request):
         return None
-    if not _token_matches(request.headers.get("Authorization", ""), api.settings.API_TOKEN):
-        return error_response(
-            401,
-            "missing or wrong token: send Authorization: Bearer <API_TOKEN>",
-            {"WWW-Authenticate": "Bearer"},
-        )
-    return None
+    return error_response(401, api.access.refusal(request), {"WWW-Authenticate": "Bearer"})
 
 
 def _is_public(path: str) -> bool:
-    return (path in PUBLIC_PATHS and request.method in ("GET", "HEAD")) or path.startswith(PUBLIC_PREFIXES)
+    """The page's own files, and the health check for programs (not for pages of other origins)."""
+    if path in PAGE_PATHS or path.startswith(PAGE_PREFIXES):
+        return True
+    return path == "/" and request.method in ("GET", "HEAD") and foreign_origin(request) is None
 
 
-def _token_matches(header: str, token: str) -> bool:
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-
-
-def add_security_headers(response: Response) -> Response:
+def add_response_headers(response: Response) -> Response:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    current_api().access.add_cors_headers(request, response)
     return response
 
 
@@ -452,6 +441,9 @@ def _http_error_message(error: HTTPException) -> str:
     if isinstance(error, MethodNotAllowed):
         allowed = ", ".join(sorted(set(error.valid_methods or []) - {"HEAD", "OPTIONS"}))
         return f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
+    if isinstance(error, TooManyFormParts):
+        limit = current_app.config["MAX_FORM_PARTS"]
+        return f"the form has too many parts: at most {limit} fields and files"
     if error.code == 413:
         return f"the request is larger than MAX_UPLOAD_MB={current_api().settings.MAX_UPLOAD_MB:g} MB"
     return f"{error.name}: {error.description}"
@@ -488,10 +480,25 @@ def search() -> Response:
 def parsed_search_request() -> SearchRequest:
     mimetype = request.mimetype
     if mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return search_request_from_form(request.form, request.files)
+        return search_request_from_form(*_form_fields())
     if mimetype == "application/json" or mimetype.endswith("+json"):
         return search_request_from_json(json_body(request))
     raise BadRequest("send the search as JSON (application/json) or as multipart/form-data")
+
+
+class TooManyFormParts(RequestEntityTooLarge):
+    """A form of more fields and files than MAX_FORM_PARTS, however small."""
+
+
+def _form_fields() -> tuple[Any, Any]:
+    """The form's fields and files; a form refused for its number of parts is told as such."""
+    try:
+        return request.form, request.files
+    except RequestEntityTooLarge:
+        length = request.content_length
+        if length is not None and length <= current_app.config["MAX_CONTENT_LENGTH"]:
+            raise TooManyFormParts() from None
+        raise
 
 
 def thumbnail(image_id: str) -> Response:
@@ -634,8 +641,9 @@ def announce_owner(engine: ImageRetrieval, url: str) -> None:
 def serve(settings: Settings, engine: ImageRetrieval) -> None:
     import waitress
 
+    app = create_app(settings, engine)
     server = waitress.create_server(
-        create_app(settings, engine),
+        app,
         host=settings.API_HOST,
         port=settings.API_PORT,
         threads=settings.API_THREADS,
@@ -644,12 +652,30 @@ def serve(settings: Settings, engine: ImageRetrieval) -> None:
     announce_owner(engine, url)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     log.info("serving %d images at %s", engine.count(), url)
+    for line in connect_instructions(settings, url, app.extensions["image_search_api"].access.token):
+        log.info("%s", line)
     try:
         server.run()
     except (KeyboardInterrupt, SystemExit):
         log.info("stopping")
     finally:
         server.close()
+
+
+def connect_instructions(settings: Settings, url: str, token: str) -> list[str]:
+    """How to open the web page: /ui as it is, a page opened from disk with the access token."""
+    page = (ROOT / "index.html").as_uri()
+    if settings.API_TOKEN:
+        return [
+            f"web page: {url}/ui (enter API_TOKEN in its Settings)",
+            f"page opened from disk: {page}?api={url} (enter API_TOKEN in its Settings)",
+        ]
+    token_file = Path(settings.CHROMA_DB_PATH) / TOKEN_FILE_NAME
+    return [
+        f"web page: {url}/ui",
+        f"page opened from disk: {page}?api={url}#token={token}",
+        f"  (or paste the access token into the page's Settings: {token}; it is kept in {token_file})",
+    ]
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api_requests import CUTOFFS, INCLUDE_IMAGES, MAX_PART_WEIGHT, MODES
+from api_requests import CUTOFFS, INCLUDE_IMAGES, MAX_PART_WEIGHT, MODES, SORTS
 from config import Settings
 
 
@@ -178,6 +178,13 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
             "description": 'e.g. \'tags contains dog and width >= 500\' or {"tags": {"$contains": "dog"}}',
         },
         "mode": {"type": "string", "enum": list(MODES), "default": "vector"},
+        "sort": {
+            "type": "string",
+            "enum": list(SORTS),
+            "default": "relevance",
+            "description": "taken / -taken: the matching images (filters, keyword match, min_score and "
+            "cutoff applied) by date taken, oldest / newest first, images without a date last",
+        },
         "collapse_duplicates": {"type": "boolean", "default": True},
         "include_images": {"type": "string", "enum": list(INCLUDE_IMAGES), "default": "thumbnail"},
     }

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Request
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from image_retrieval import MODES, QueryPart, SearchQuery, data_uri_bytes
+from image_retrieval import MODES, SORTS, QueryPart, SearchQuery, data_uri_bytes
 
 SEARCH_FIELDS = frozenset(
     {
@@ -24,6 +24,7 @@ SEARCH_FIELDS = frozenset(
         "cutoff",
         "filters",
         "mode",
+        "sort",
         "collapse_duplicates",
         "include_images",
     }
@@ -137,6 +138,7 @@ def _search_request(values: dict[str, Any]) -> SearchRequest:
         cutoff=_choice(values, "cutoff", CUTOFFS, None),
         filters=_filters(values.get("filters")),
         mode=_choice(values, "mode", MODES, "vector"),
+        sort=_choice(values, "sort", SORTS, "relevance"),
         collapse_duplicates=_typed(values, "collapse_duplicates", bool, True),
     )
     return SearchRequest(query, text, include_images == "thumbnail")

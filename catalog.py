@@ -108,6 +108,11 @@ class Catalog:
         with self._lock:
             return self._vectors[[self._rows[image_id] for image_id in ids]].copy()
 
+    def values(self, ids: list[str], key: str) -> list[Any]:
+        """The metadata field `key` of each image (None where absent)."""
+        with self._lock:
+            return [self._metas[self._rows[image_id]].get(key) for image_id in ids]
+
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         with self._lock:
             return [(image_id, dict(self._metas[row])) for image_id, row in self._rows.items()]

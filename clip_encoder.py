@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 IMAGE_RUNTIMES = ("torch", "onnx")
+# Where clip.load keeps the weights of a named model once downloaded (clip's own default).
+CLIP_CACHE_FOLDER = Path("~/.cache/clip").expanduser()
 
 
 class ModelLoadError(RuntimeError):
@@ -50,6 +52,17 @@ def model_identity(name: str) -> str:
         for block in iter(lambda: checkpoint.read(1 << 20), b""):
             digest.update(block)
     return f"{os.path.basename(name)}#{digest.hexdigest()[:16]}"
+
+
+def load_failure_message(name: str, error: Exception) -> str:
+    """What went wrong loading `name`, in words that say what to do; a failed download is told as such."""
+    if name in clip.available_models() and isinstance(error, OSError):
+        return (
+            f"cannot load model {name!r}: its weights could not be downloaded from the internet ({error}). "
+            f"Once downloaded they are cached in {CLIP_CACHE_FOLDER}; without internet access, copy the "
+            "checkpoint file there, or set MODEL_NAME (or --model) to the path of a local checkpoint file"
+        )
+    return f"cannot load model {name!r}: {error}"
 
 
 def keep_numpy_blas_single_threaded() -> None:
@@ -79,9 +92,11 @@ class ClipEncoder:
         self.name = name
         self.device = resolve_device(device)
         try:
-            self.model, self.preprocess = clip.load(name, device=self.device, jit=False)
+            self.model, self.preprocess = clip.load(
+                name, device=self.device, jit=False, download_root=str(CLIP_CACHE_FOLDER)
+            )
         except Exception as error:
-            raise ModelLoadError(f"cannot load model {name!r}: {error}") from error
+            raise ModelLoadError(load_failure_message(name, error)) from error
         self.model.eval()
         keep_numpy_blas_single_threaded()
         self.identity = model_identity(name)

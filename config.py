@@ -53,8 +53,13 @@ class Settings:
     API_HOST: str = "127.0.0.1"
     API_PORT: int = 8000
     API_THREADS: int = 8
+    # Unset: a random token is made once and kept in CHROMA_DB_PATH/api_token (README, Security).
     API_TOKEN: str = ""
-    CORS_ORIGINS: str = "null,http://localhost,http://127.0.0.1"
+    # Origins whose pages may use the API without the token (none by default; "null" is a page
+    # opened from disk, or any sandboxed frame of any site).
+    CORS_ORIGINS: str = ""
+    # Host names the server answers to besides localhost, 127.0.0.1, [::1] and API_HOST ("*": any).
+    ALLOWED_HOSTS: str = ""
     MAX_UPLOAD_MB: float = 20.0
     RATE_LIMIT_PER_MINUTE: int = 600
     LOG_LEVEL: str = "INFO"
@@ -81,6 +86,10 @@ class Settings:
     @property
     def cors_origins(self) -> list[str]:
         return [origin.strip() for origin in self.CORS_ORIGINS.split(",") if origin.strip()]
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        return [host.strip() for host in self.ALLOWED_HOSTS.split(",") if host.strip()]
 
     @property
     def metadata_file_names(self) -> list[str]:

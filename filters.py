@@ -6,7 +6,7 @@ Object form (JSON):
 (a bare value means equality). Operators: = != > >= < <= contains in prefix. `contains` is
 membership for list fields (tags) and a substring test for text, both case-insensitive; `in` takes
 values separated by `|`; `prefix` is a case-sensitive string prefix (folders). Dates written as
-YYYY-MM-DD compare with the `modified` time stamp.
+YYYY-MM-DD compare with the `modified`, `indexed` and `taken` time stamps.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ OPERATORS = {
     "prefix": "$prefix",
     "startswith": "$prefix",
 }
-TIMESTAMP_FIELDS = frozenset({"modified", "indexed"})
+TIMESTAMP_FIELDS = frozenset({"modified", "indexed", "taken"})
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("vector", "keyword", "hybrid")
+# relevance: best match first; taken / -taken: the matching images by date taken, oldest / newest
+# first, images without a date last.
+SORTS = ("relevance", "taken", "-taken")
 MIN_CANDIDATES = 100
 STALE_CHECK_SECONDS = 1.0
 
@@ -79,6 +82,7 @@ class SearchQuery:
     filters: str | dict[str, Any] | Filter | None = None
     mode: str = "vector"
     collapse_duplicates: bool = True
+    sort: str = "relevance"
 
 
 @dataclass
@@ -292,23 +296,33 @@ class ImageRetrieval:
     def write(self, ids: list[str], vectors: np.ndarray, metadatas: list[dict[str, Any]]) -> None:
         """Store vectors and metadata (insert or replace), in the collection and the mirror."""
         with self._write_lock, translated_errors(self.settings):
+            stored = self._replacing(ids, metadatas)
             for chunk in batched(list(range(len(ids))), self.client.get_max_batch_size()):
                 self.collection.upsert(
                     ids=[ids[i] for i in chunk],
                     embeddings=np.asarray(vectors[chunk], dtype=np.float32),
-                    metadatas=[_storable(metadatas[i]) for i in chunk],
+                    metadatas=[stored[i] for i in chunk],
                 )
             self.catalog.put(ids, np.asarray(vectors, dtype=np.float32), metadatas)
             self._bump_stamp()
 
     def update_metadata(self, ids: list[str], metadatas: list[dict[str, Any]]) -> None:
         with self._write_lock, translated_errors(self.settings):
+            stored = self._replacing(ids, metadatas)
             for chunk in batched(list(range(len(ids))), self.client.get_max_batch_size()):
-                self.collection.update(
-                    ids=[ids[i] for i in chunk], metadatas=[_storable(metadatas[i]) for i in chunk]
-                )
+                self.collection.update(ids=[ids[i] for i in chunk], metadatas=[stored[i] for i in chunk])
             self.catalog.update_metadata(ids, metadatas)
             self._bump_stamp()
+
+    def _replacing(self, ids: list[str], metadatas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chroma metadata that replaces the stored one: Chroma merges, so a field the image had and has
+        no more (a GPS position gone from an edited photo) is sent as None, which deletes it."""
+        replacing = []
+        for image_id, metadata in zip(ids, metadatas, strict=True):
+            storable = _storable(metadata)
+            before = self.catalog.metadata(image_id) or {}
+            replacing.append(storable | {key: None for key in before if key not in storable})
+        return replacing
 
     def delete(self, ids: list[str]) -> None:
         if not ids:
@@ -389,17 +403,72 @@ class ImageRetrieval:
         vector = self.query_vector(query.parts)
         mask = self.catalog.mask(image_filter) if image_filter else None
         need = query.offset + top_k
+        if query.sort == "relevance":
+            ranked = self._ranked_by_relevance(query, vector, keyword_text, mask, exclude, need)
+        else:
+            ranked = self._ranked_by_date(query, vector, keyword_text, mask, exclude, need)
+        page = ranked[query.offset : need]
+        hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
+        filtered_total = int(mask.sum()) if mask is not None else None
+        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note)
+
+    def _ranked_by_relevance(
+        self,
+        query: SearchQuery,
+        vector: np.ndarray,
+        keyword_text: str,
+        mask: np.ndarray | None,
+        exclude: frozenset[str],
+        need: int,
+    ) -> list[_Candidate]:
+        """The best matches, at least `need` + 1 of them when there are that many."""
         fetch = max(self._candidate_pool(query), 3 * need)
         while True:
             candidates, exhausted = self._candidates(query.mode, vector, keyword_text, mask, exclude, fetch)
             ranked = self._refine(candidates, query, vector)
             if len(ranked) > need or exhausted:
-                break
+                return ranked
             fetch *= 4
-        page = ranked[query.offset : need]
-        hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
-        filtered_total = int(mask.sum()) if mask is not None else None
-        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note)
+
+    def _ranked_by_date(
+        self,
+        query: SearchQuery,
+        vector: np.ndarray,
+        keyword_text: str,
+        mask: np.ndarray | None,
+        exclude: frozenset[str],
+        need: int,
+    ) -> list[_Candidate]:
+        """Every match (filter, keyword match, min_score and cutoff applied) by date taken, undated last."""
+        candidates = self._all_candidates(query.mode, vector, keyword_text, mask, exclude)
+        matching = self._refine(candidates, query, vector, collapse=False)
+        taken = self.catalog.values([candidate.id for candidate in matching], "taken")
+        sign = -1.0 if query.sort.startswith("-") else 1.0
+        order = sorted(
+            range(len(matching)),
+            key=lambda i: (0, sign * taken[i]) if isinstance(taken[i], (int, float)) else (1, 0.0),
+        )
+        ordered = [matching[i] for i in order]
+        return self._collapse_prefix(ordered, need) if query.collapse_duplicates else ordered
+
+    def _all_candidates(
+        self,
+        mode: str,
+        vector: np.ndarray,
+        keyword_text: str,
+        mask: np.ndarray | None,
+        exclude: frozenset[str],
+    ) -> list[_Candidate]:
+        """Every candidate of the mode, best first, by exact cosine (no graph query of the whole index)."""
+        keyword = self._keyword_candidates(vector, keyword_text, mask, exclude) if mode != "vector" else []
+        if mode == "keyword":
+            return keyword
+        rows = mask if mask is not None else self.catalog.mask(None)
+        scored = self.catalog.exact_top(vector, rows, max(self.count(), 1), exclude)
+        ranked = [
+            _Candidate(image_id, score, vector_rank=rank) for rank, (image_id, score) in enumerate(scored, 1)
+        ]
+        return ranked if mode == "vector" else _fuse(ranked, keyword, self.settings.HYBRID_RRF_K)
 
     @staticmethod
     def _candidate_pool(query: SearchQuery) -> int:
@@ -417,6 +486,8 @@ class ImageRetrieval:
             raise QueryError(f"offset must be a whole number from 0 to {settings.MAX_OFFSET}")
         if query.mode not in MODES:
             raise QueryError(f"mode must be one of {', '.join(MODES)}")
+        if query.sort not in SORTS:
+            raise QueryError(f"sort must be one of {', '.join(SORTS)}")
         if query.cutoff not in (None, "none", "adaptive"):
             raise QueryError("cutoff must be 'adaptive' or 'none'")
         if query.min_score is not None and not -1.0 <= query.min_score <= 1.0:
@@ -563,7 +634,7 @@ class ImageRetrieval:
         ]
 
     def _refine(
-        self, candidates: list[_Candidate], query: SearchQuery, vector: np.ndarray
+        self, candidates: list[_Candidate], query: SearchQuery, vector: np.ndarray, collapse: bool = True
     ) -> list[_Candidate]:
         """Relevance cuts and near-duplicate collapse, applied in rank order (so pages stay stable)."""
         if query.min_score is not None:
@@ -571,9 +642,22 @@ class ImageRetrieval:
         if query.cutoff == "adaptive" and candidates:
             threshold = adaptive_threshold([candidate.score for candidate in candidates], self.settings)
             candidates = [candidate for candidate in candidates if candidate.score >= threshold]
-        if query.collapse_duplicates and len(candidates) > 1:
+        if collapse and query.collapse_duplicates and len(candidates) > 1:
             candidates = self._collapse(candidates)
         return candidates
+
+    def _collapse_prefix(self, candidates: list[_Candidate], need: int) -> list[_Candidate]:
+        """Near-duplicates collapsed in as long a head of the list as gives `need` + 1 kept hits.
+
+        Whether a hit is kept depends only on the hits before it, so the head is collapsed exactly as the
+        whole list would be, without comparing every pair of a large matching set.
+        """
+        size = need + MIN_CANDIDATES
+        while True:
+            head = self._collapse(candidates[:size]) if size > 1 else candidates[:size]
+            if len(head) > need or size >= len(candidates):
+                return head + candidates[size:]
+            size *= 4
 
     def _collapse(self, candidates: list[_Candidate]) -> list[_Candidate]:
         vectors = self.catalog.vectors([candidate.id for candidate in candidates])

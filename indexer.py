@@ -2,6 +2,8 @@
 
 A file is unchanged when its size and modification time match the stored ones; otherwise its
 content hash decides: same hash, only the stored facts are refreshed; new hash, it is re-encoded.
+A record written before the photo fields (photo_metadata.py) existed, or by an older version of them,
+gets them read from the file's EXIF block alone: no decoding, no re-encoding.
 A new path whose content hash belongs to a file that vanished is a move, and one whose hash belongs
 to a file still present is a duplicate: both reuse the stored vector without running the model.
 Each batch is written as soon as it is encoded, so an interrupted run loses at most one batch and a
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from image_io import ImageLoadError, decode_for_model, file_hash, find_images
+from photo_metadata import PHOTO_FIELDS, PHOTO_METADATA_VERSION, photo_fields, read_photo_fields
 from store import batched
 
 if TYPE_CHECKING:
@@ -41,6 +44,8 @@ SYSTEM_FIELDS = frozenset(
         "content_hash",
         "format",
         "indexed",
+        "photo_metadata",
+        *PHOTO_FIELDS,
     }
 )
 
@@ -76,6 +81,7 @@ class IndexSummary:
     moved: int = 0
     removed: int = 0
     unchanged: int = 0
+    refreshed: int = 0
     failed: int = 0
     encoded: int = 0
     seconds: float = 0.0
@@ -89,7 +95,8 @@ class IndexSummary:
     def line(self) -> str:
         return (
             f"added {self.added}, updated {self.updated}, moved {self.moved}, removed {self.removed}, "
-            f"unchanged {self.unchanged}, failed {self.failed}; encoded {self.encoded} in "
+            f"unchanged {self.unchanged}, failed {self.failed}; photo metadata refreshed {self.refreshed} "
+            f"(not re-encoded); encoded {self.encoded} in "
             f"{self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"
         )
 
@@ -100,6 +107,7 @@ class IndexSummary:
             "moved": self.moved,
             "removed": self.removed,
             "unchanged": self.unchanged,
+            "refreshed": self.refreshed,
             "failed": self.failed,
             "encoded": self.encoded,
             "seconds": round(self.seconds, 3),
@@ -123,6 +131,7 @@ class Plan:
     encode: list[tuple[FileOnDisk, bool]] = field(default_factory=list)
     copies: list[tuple[FileOnDisk, str, bool]] = field(default_factory=list)
     touches: list[tuple[str, FileOnDisk]] = field(default_factory=list)
+    refreshes: list[tuple[str, FileOnDisk]] = field(default_factory=list)
     removals: list[str] = field(default_factory=list)
 
 
@@ -152,6 +161,7 @@ class Indexer:
         self._on_progress(self.progress)
         self._apply_copies(plan.copies)
         self._apply_touches(plan.touches)
+        self._apply_refreshes(plan.refreshes)
         self._encode(plan.encode, known)
         self._remove(plan.removals)
         self.summary.seconds = time.monotonic() - started
@@ -185,6 +195,8 @@ class Indexer:
             stored = known.get(relative)
             if stored and _same_stat(stored[1], file):
                 self.summary.unchanged += 1
+                if not _photo_fields_current(stored[1]):
+                    plan.refreshes.append((stored[0], file))
             else:
                 to_hash.append(file)
         hashed = self._hash_all(to_hash)
@@ -228,7 +240,9 @@ class Indexer:
             metadatas = []
             for file, source, _ in chunk:
                 old = self.engine.catalog.metadata(source) or {}
-                metadatas.append(_file_metadata(file, old) | _facts_of(old) | _custom_fields(old))
+                self.summary.refreshed += not _photo_fields_current(old)
+                photo = self._photo_facts(file, old)
+                metadatas.append(_file_metadata(file, old) | _facts_of(old) | photo | _custom_fields(old))
             self.engine.write([image_id(file.relative) for file, _, _ in chunk], vectors, metadatas)
             moved = [source for _, source, is_move in chunk if is_move]
             self.engine.delete(moved)
@@ -241,8 +255,26 @@ class Indexer:
             metadatas = []
             for stored_id, file in chunk:
                 old = self.engine.catalog.metadata(stored_id) or {}
-                metadatas.append(old | _file_metadata(file, old))
+                self.summary.refreshed += not _photo_fields_current(old)
+                photo = self._photo_facts(file, old)
+                metadatas.append(_without_photo_fields(old) | _file_metadata(file, old) | photo)
             self.engine.update_metadata(ids, metadatas)
+
+    def _apply_refreshes(self, refreshes: list[tuple[str, FileOnDisk]]) -> None:
+        """Unchanged files whose records lack the current photo fields: read them from EXIF alone."""
+        for chunk in batched(refreshes, self.settings.BATCH_SIZE):
+            olds = [self.engine.catalog.metadata(stored_id) or {} for stored_id, _ in chunk]
+            with ThreadPoolExecutor(self.settings.LOADER_THREADS) as pool:
+                photos = list(pool.map(self._photo_facts, [file for _, file in chunk], olds))
+            metadatas = [_without_photo_fields(old) | photo for old, photo in zip(olds, photos, strict=True)]
+            self.summary.refreshed += sum(1 for old in olds if not _photo_fields_current(old))
+            self.engine.update_metadata([stored_id for stored_id, _ in chunk], metadatas)
+
+    def _photo_facts(self, file: FileOnDisk, old: dict[str, Any]) -> dict[str, Any]:
+        """The stored photo fields when current, else those read now from the file's EXIF block."""
+        if _photo_fields_current(old):
+            return {key: old[key] for key in ("photo_metadata", *PHOTO_FIELDS) if key in old}
+        return read_photo_fields(file.path) | {"photo_metadata": PHOTO_METADATA_VERSION}
 
     def _encode(
         self, items: list[tuple[FileOnDisk, bool]], known: dict[str, tuple[str, dict[str, Any]]]
@@ -301,7 +333,19 @@ class Indexer:
         except Exception as error:  # one bad file never stops the run
             self._fail(file.relative, f"cannot decode: {error}")
             return file, is_update, None, {}
-        return file, is_update, pixels, {"width": facts.width, "height": facts.height, "format": facts.format}
+        photo = photo_fields(facts.exif) if facts.exif is not None else {}
+        return (
+            file,
+            is_update,
+            pixels,
+            {
+                "width": facts.width,
+                "height": facts.height,
+                "format": facts.format,
+                "photo_metadata": PHOTO_METADATA_VERSION,
+                **photo,
+            },
+        )
 
     def _remove(self, ids: list[str]) -> None:
         self.engine.delete(ids)
@@ -331,6 +375,14 @@ def _file_metadata(file: FileOnDisk, old: dict[str, Any]) -> dict[str, Any]:
 
 def _facts_of(metadata: dict[str, Any]) -> dict[str, Any]:
     return {key: metadata[key] for key in ("width", "height", "format") if key in metadata}
+
+
+def _photo_fields_current(metadata: dict[str, Any]) -> bool:
+    return metadata.get("photo_metadata") == PHOTO_METADATA_VERSION
+
+
+def _without_photo_fields(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in metadata.items() if key not in PHOTO_FIELDS}
 
 
 def _custom_fields(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,12 @@
-"""Keyword search over file name, folder, description and tags: SQLite FTS5 with BM25 ranking.
+"""Keyword search over file name, folder, description, tags, place and camera: SQLite FTS5, BM25 ranking.
 
 Matching is case-insensitive and accent-insensitive, with English stemming ("dogs" finds "dog").
 Inside file names, query words of three letters or more also match as word prefixes ("sun" finds
 "sunset.jpg"); file names are split at underscores, dashes, dots, digit/letter and camelCase
 boundaries, so parts of a name are words of their own. A few English function words ("a", "the",
 "of" ...) are ignored in queries. A word written `field:word` (fields: name, folder, description,
-tags) only matches in that field: `tags:dog` finds images tagged dog.
+tags, place, camera) only matches in that field: `tags:dog` finds images tagged dog. `place` holds the
+photo's place, region and country ("lisbon" finds photos taken there), `camera` its camera and lens.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ STOP_WORDS = frozenset(
 )
 PREFIX_MIN_LENGTH = 3
 BUILD_CHUNK = 2000
-# BM25 weights of the columns id, name, folder, description, tags (id is not searched).
-COLUMN_WEIGHTS = (0.0, 2.0, 1.0, 1.0, 3.0)
-FIELDS = ("name", "folder", "description", "tags")
+# BM25 weights of the columns id, name, folder, description, tags, place, camera (id is not searched).
+COLUMN_WEIGHTS = (0.0, 2.0, 1.0, 1.0, 3.0, 2.0, 1.0)
+FIELDS = ("name", "folder", "description", "tags", "place", "camera")
 _WORD = re.compile(r"\w+", re.UNICODE)
 _TERM = re.compile(r"(?:(" + "|".join(FIELDS) + r"):)?(\w+)", re.UNICODE)
 _NAME_PARTS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+|[^\W\d_]+", re.UNICODE)
@@ -98,7 +99,7 @@ def name_words(name: str) -> str:
     return " ".join([name, *_NAME_PARTS.findall(name)])
 
 
-def document_fields(metadata: dict[str, Any]) -> tuple[str, str, str, str]:
+def document_fields(metadata: dict[str, Any]) -> tuple[str, ...]:
     tags = metadata.get("tags") or []
     if isinstance(tags, str):
         tags = [tags]
@@ -107,7 +108,13 @@ def document_fields(metadata: dict[str, Any]) -> tuple[str, str, str, str]:
         str(metadata.get("folder", "")).replace("/", " "),
         str(metadata.get("description", "")),
         " ".join(str(tag) for tag in tags),
+        _joined(metadata, ("place", "region", "country")),
+        _joined(metadata, ("camera", "lens")),
     )
+
+
+def _joined(metadata: dict[str, Any], keys: tuple[str, ...]) -> str:
+    return " ".join(str(metadata[key]) for key in keys if metadata.get(key))
 
 
 class KeywordIndex:
@@ -128,7 +135,8 @@ class KeywordIndex:
         self._next_rowid = 0
         self._db.execute(
             "CREATE VIRTUAL TABLE docs USING fts5("
-            "id UNINDEXED, name, folder, description, tags, tokenize='porter unicode61 remove_diacritics 2')"
+            "id UNINDEXED, name, folder, description, tags, place, camera, "
+            "tokenize='porter unicode61 remove_diacritics 2')"
         )
 
     def put(self, items: list[tuple[str, dict[str, Any]]]) -> None:
@@ -168,7 +176,9 @@ class KeywordIndex:
             self._rowids[image_id] = self._next_rowid
             rows.append((self._next_rowid, image_id, *document_fields(metadata)))
         self._db.executemany(
-            "INSERT INTO docs(rowid, id, name, folder, description, tags) VALUES (?, ?, ?, ?, ?, ?)", rows
+            "INSERT INTO docs(rowid, id, name, folder, description, tags, place, camera) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
         )
 
     def _delete(self, ids: list[str]) -> None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 PROMPT = "search> "
 MODES = ("vector", "keyword", "hybrid")
+SORTS = ("relevance", "taken", "-taken")
 RANKING_SCORE = {"keyword": "keyword", "hybrid": "fused"}  # the score column's name in those modes
 HISTORY_FILE_NAME = ".repl_history"
 HISTORY_LENGTH = 1000
@@ -38,6 +39,7 @@ HELP = """\
   :mode MODE        vector, keyword or hybrid
   :filter EXPR      metadata filter, e.g. :filter tags contains dog and width >= 500 (alone: clear)
   :min SCORE        lowest score shown, -1 to 1 (alone: clear)
+  :sort ORDER       relevance, taken (oldest first) or -taken (newest first)
   :open N           the file of result N
   :help             this list
   :quit             leave (Ctrl-D and Ctrl-C too)"""
@@ -55,10 +57,13 @@ class Options:
     mode: str = "vector"
     filters: str | None = None
     min_score: float | None = None
+    sort: str = "relevance"
 
     def describe(self, mode: str | None = None) -> str:
         """The options in words; `mode` names the mode that actually ranked, when it differs."""
         parts = [f"k={self.top_k}", f"mode={mode or self.mode}"]
+        if self.sort != "relevance":
+            parts.append(f"sort={self.sort}")
         if self.filters:
             parts.append(f"filter: {self.filters}")
         if self.min_score is not None:
@@ -79,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=MODES, default="vector", help="how to rank (default: vector)")
     parser.add_argument("--filter", help="metadata filter, e.g. 'tags contains dog and width >= 500'")
     parser.add_argument("--min-score", help="lowest score shown, -1 to 1")
+    parser.add_argument(
+        "--sort", choices=SORTS, default="relevance", help="order: relevance, taken or -taken (date taken)"
+    )
     add_index_arguments(parser)
     parser.add_argument("--results", help="folder for the saved grids (RESULTS_FOLDER)")
     parser.add_argument("--verbose", action="store_true", help="log what the engine does (LOG_LEVEL)")
@@ -102,6 +110,7 @@ def options_from(args: argparse.Namespace, settings: Settings) -> Options:
         mode=args.mode,
         filters=args.filter or None,
         min_score=None if args.min_score is None else parse_min_score(args.min_score),
+        sort=args.sort,
     )
 
 
@@ -157,6 +166,7 @@ class Session:
             "mode": self.set_mode,
             "filter": self.set_filter,
             "min": self.set_min_score,
+            "sort": self.set_sort,
             "open": self.open_result,
             "help": self.show_help,
         }
@@ -171,6 +181,7 @@ class Session:
             min_score=self.options.min_score,
             filters=self.options.filters,
             mode=self.options.mode,
+            sort=self.options.sort,
         )
         result = self.engine.search(query)
         self.last = result
@@ -251,6 +262,13 @@ class Session:
             self.options.mode = argument.lower()
         print(f"mode: {self.options.mode}")
 
+    def set_sort(self, argument: str) -> None:
+        if argument:
+            if argument.lower() not in SORTS:
+                raise CommandError(f"the order is one of {', '.join(SORTS)}")
+            self.options.sort = argument.lower()
+        print(f"sort: {self.options.sort}")
+
     def set_filter(self, argument: str) -> None:
         from filters import parse_filter
 
@@ -294,26 +312,51 @@ class Session:
 
 
 def format_table(hits: list[Hit], mode: str = "vector") -> str:
-    """Aligned columns: rank, score, path (and how many near-duplicates were folded into a hit).
+    """Aligned columns: rank, score, taken and place (when a hit has them), path (and how many
+    near-duplicates were folded into a hit).
 
     In keyword and hybrid mode the score column is what ranks (the BM25 or the fused score), a cosine
     column follows it, and each row ends with why it matched, as the web page shows it.
     """
     rank_width = max(len("rank"), *(len(str(hit.rank)) for hit in hits))
-    if mode == "vector":
-        lines = [f"{'rank':>{rank_width}}  {'score':>7}  path"]
-    else:
-        lines = [f"{'rank':>{rank_width}}  {RANKING_SCORE[mode]:>8}  {'cosine':>7}  path"]
-    for hit in hits:
+    photo = photo_columns(hits)
+    scores = [f"{'score':>7}"] if mode == "vector" else [f"{RANKING_SCORE[mode]:>8}", f"{'cosine':>7}"]
+    header = [f"{'rank':>{rank_width}}", *scores, *(f"{name:<{width}}" for name, width, _ in photo), "path"]
+    lines = ["  ".join(header)]
+    for row, hit in enumerate(hits):
         folded = f"  (+{len(hit.duplicates)} near-duplicates)" if hit.duplicates else ""
         if mode == "vector":
-            lines.append(f"{hit.rank:>{rank_width}}  {hit.score:>7.4f}  {hit.path}{folded}")
+            scores, reasons = [f"{hit.score:>7.4f}"], ""
         else:
-            ranking = f"{ranking_score(hit, mode):>8.5f}"
-            lines.append(
-                f"{hit.rank:>{rank_width}}  {ranking}  {hit.score:>7.4f}  {hit.path}  ({why(hit)}){folded}"
-            )
+            scores, reasons = [f"{ranking_score(hit, mode):>8.5f}", f"{hit.score:>7.4f}"], f"  ({why(hit)})"
+        photo_cells = [f"{values[row]:<{width}}" for _, width, values in photo]
+        cells = [f"{hit.rank:>{rank_width}}", *scores, *photo_cells]
+        lines.append("  ".join([*cells, f"{hit.path}{reasons}{folded}"]))
     return "\n".join(lines)
+
+
+def photo_columns(hits: list[Hit]) -> list[tuple[str, int, list[str]]]:
+    """(name, width, values) of the `taken` and `place` columns that at least one hit has."""
+    columns = []
+    for name, text in (("taken", taken_text), ("place", place_text)):
+        values = [text(hit.metadata) for hit in hits]
+        if any(values):
+            columns.append((name, max(len(name), *(len(value) for value in values)), values))
+    return columns
+
+
+def taken_text(metadata: dict[str, object]) -> str:
+    """The date taken as the camera recorded it, "2019-06-15 14:30" (see photo_metadata.py)."""
+    from datetime import UTC, datetime
+
+    taken = metadata.get("taken")
+    if not isinstance(taken, (int, float)) or isinstance(taken, bool):
+        return ""
+    return datetime.fromtimestamp(taken, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def place_text(metadata: dict[str, object]) -> str:
+    return ", ".join(str(metadata[key]) for key in ("place", "country") if metadata.get(key))
 
 
 def ranking_score(hit: Hit, mode: str) -> float:

@@ -8,7 +8,8 @@
   const REQUEST_TIMEOUT_MS = 120000;
   const STORAGE = {
     base: "imageSearch.apiBase",
-    token: "imageSearch.token",
+    tokens: "imageSearch.tokens",
+    legacyToken: "imageSearch.token",
     image: "imageSearch.queryImage",
   };
   const HIDDEN_FACTS = new Set(["path", "name", "description", "content_hash", "indexed", "tags"]);
@@ -123,8 +124,53 @@
     return apiBase() + (path.startsWith("/") ? path : `/${path}`);
   }
 
+  // A token is kept per API address and sent only to the address it was given for (in Settings, or
+  // by the link the server prints): an ?api= address from a link never receives another one's token.
+
+  function savedTokens() {
+    try {
+      const tokens = JSON.parse(stored(STORAGE.tokens) || "{}");
+      return tokens && typeof tokens === "object" && !Array.isArray(tokens) ? tokens : {};
+    } catch {
+      return {};
+    }
+  }
+
+  function tokenFor(base) {
+    const token = savedTokens()[trimBase(base)];
+    return typeof token === "string" ? token : "";
+  }
+
+  function saveToken(base, token) {
+    const tokens = savedTokens();
+    if (token) tokens[trimBase(base)] = token;
+    else delete tokens[trimBase(base)];
+    store(STORAGE.tokens, Object.keys(tokens).length ? JSON.stringify(tokens) : "");
+  }
+
+  /** A token saved before tokens were kept per address belongs to the address saved with it. */
+  function adoptLegacyToken() {
+    const token = stored(STORAGE.legacyToken);
+    if (!token) return;
+    if (!tokenFor(stored(STORAGE.base) || defaultApiBase())) saveToken(stored(STORAGE.base) || defaultApiBase(), token);
+    store(STORAGE.legacyToken, "");
+  }
+
+  /** The connect link printed by `python api.py` carries the token in its #fragment (never sent to a server). */
+  function takeTokenFromLink() {
+    const fragment = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    const token = (fragment.get("token") || "").trim();
+    if (!token) return;
+    saveToken(apiBase(), token);
+    try {
+      window.history.replaceState(null, "", `${window.location.pathname}${window.location.search}`);
+    } catch {
+      /* history unavailable: the token stays visible in the address bar */
+    }
+  }
+
   function authHeaders() {
-    const token = stored(STORAGE.token);
+    const token = tokenFor(apiBase());
     return token ? { Authorization: `Bearer ${token}` } : {};
   }
 
@@ -158,7 +204,11 @@
     } catch {
       /* not JSON: fall back to the status line */
     }
-    if (response.status === 401 && !message) message = "The API needs an access token: set it in Settings.";
+    if (response.status === 401) {
+      message =
+        `The API at ${apiBase()} needs its access token: open the link that \`python api.py\` printed, ` +
+        "or paste the token into Settings.";
+    }
     return message || `The API answered ${response.status} ${response.statusText}`.trim();
   }
 
@@ -814,7 +864,7 @@
     el.openOriginal.href = original || thumbnailSource(hit);
     if (!original) return;
     let source = original;
-    if (stored(STORAGE.token)) {
+    if (tokenFor(apiBase())) {
       try {
         const blob = await (await apiFetch(hit.image_url)).blob();
         source = URL.createObjectURL(blob);
@@ -894,7 +944,7 @@
 
   function openSettings() {
     el.apiBaseInput.value = apiBase();
-    el.apiTokenInput.value = stored(STORAGE.token);
+    el.apiTokenInput.value = tokenFor(apiBase());
     el.settingsResult.textContent = "";
     el.settings.showModal();
     el.apiBaseInput.focus();
@@ -908,7 +958,7 @@
       return;
     }
     store(STORAGE.base, base === defaultApiBase() ? "" : base);
-    store(STORAGE.token, el.apiTokenInput.value.trim());
+    saveToken(base, el.apiTokenInput.value.trim());
     if (urlApiParam()) dropApiParam();
     checkApi();
     if (hasQuery()) runSearch({ push: false });
@@ -1035,6 +1085,8 @@
   }
 
   function start() {
+    adoptLegacyToken();
+    takeTokenFromLink();
     bind();
     readStateFromUrl();
     stateToControls();

@@ -63,6 +63,13 @@ class ApiServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def token(self) -> str:
+        """The access token: API_TOKEN, or the one the server made and keeps in its database folder."""
+        if self.settings.API_TOKEN:
+            return self.settings.API_TOKEN
+        return (Path(self.settings.CHROMA_DB_PATH) / "api_token").read_text().strip()
+
     def start(self) -> ApiServer:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log_file:

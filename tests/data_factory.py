@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw
 SHARED_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini"
 CATEGORIES = ["dog", "cat", "car", "person", "boat", "pizza", "bicycle", "bird"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+# The stand-in for coco_mini holds as many photos as the largest test takes (test_faults: 20 + 60).
+STAND_IN_PHOTOS = 96
 
 
 def write_tiny_checkpoint(path: Path, seed: int = 0, embed_dim: int = 32) -> Path:
@@ -44,7 +46,7 @@ def coco_like_dataset(dest: Path) -> tuple[Path, list[dict]]:
         images = dest / "images"
         shutil.copytree(SHARED_COCO / "images", images)
         return images, annotations
-    return generated_captioned_images(dest / "images", 40), json.loads(
+    return generated_captioned_images(dest / "images", STAND_IN_PHOTOS), json.loads(
         (dest / "images" / "annotations.json").read_text()
     )
 

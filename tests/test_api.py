@@ -556,11 +556,20 @@ def assert_no_leak(text: str, dataset: Path) -> None:
 # -- CORS ----------------------------------------------------------------------------------------
 
 
-def test_cors_allows_file_pages_and_localhost_only(server):
+def test_cors_answers_other_origins_only_with_the_token(server):
+    bearer = {"Authorization": f"Bearer {server.token}"}
     for origin in ("null", "http://localhost:5173", "http://127.0.0.1:8080", "http://localhost"):
-        response = requests.post(
+        refused = requests.post(
             f"{server.url}/search", json={"query": "dog", "top_k": 1}, headers={"Origin": origin}, timeout=30
         )
+        assert refused.status_code == 401 and "results" not in refused.json(), origin
+        response = requests.post(
+            f"{server.url}/search",
+            json={"query": "dog", "top_k": 1},
+            headers={"Origin": origin, **bearer},
+            timeout=30,
+        )
+        assert response.status_code == 200 and len(response.json()["results"]) == 1, origin
         assert response.headers.get("Access-Control-Allow-Origin") == origin, origin
         preflight = requests.options(
             f"{server.url}/search",
@@ -579,7 +588,7 @@ def test_cors_allows_file_pages_and_localhost_only(server):
         response = requests.post(
             f"{server.url}/search", json={"query": "dog", "top_k": 1}, headers={"Origin": origin}, timeout=30
         )
-        assert "Access-Control-Allow-Origin" not in response.headers, origin
+        assert response.status_code == 401 and "results" not in response.json(), origin
 
 
 # -- token and rate limit ------------------------------------------------------------------------

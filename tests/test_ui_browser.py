@@ -279,7 +279,10 @@ def test_dropping_an_image_runs_an_image_search(page, server, ui_dataset):
 
 
 def test_page_opened_from_disk_talks_to_the_api(page, server):
-    url = f"{(ROOT / 'index.html').as_uri()}?api={server.url}&q=food%20on%20a%20plate&top_k=5&mode=hybrid"
+    # The documented step: the link the server prints, which carries its access token.
+    link = re.search(r"page opened from disk: (\S+)", server.log()).group(1)
+    address, _, fragment = link.partition("#")
+    url = f"{address}&q=food%20on%20a%20plate&top_k=5&mode=hybrid#{fragment}"
     open_search(page, url)
 
     expected = api_search(server, query="food on a plate", top_k=5, mode="hybrid")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import ipaddress
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -39,7 +41,9 @@ from api_access import (
 from api_openapi import openapi_document
 from api_requests import (
     BadRequest,
+    NotJson,
     SearchRequest,
+    is_json_type,
     json_body,
     search_request_from_form,
     search_request_from_json,
@@ -53,6 +57,7 @@ from image_retrieval import (
     UnknownImage,
 )
 from indexer import IndexingRefused, IndexProgress
+from metadata_import import MetadataError, normalised_records
 from store import StoreError, StoreUnavailable
 
 log = logging.getLogger("api")
@@ -185,7 +190,7 @@ class IndexJob:
         try:
             summary = self.engine.index_folder(on_progress=self._on_progress)
             metadata_line = self.engine.import_metadata(metadata).line() if metadata else None
-        except (IndexingRefused, StoreError) as error:
+        except (IndexingRefused, StoreError, MetadataError) as error:
             log.warning("indexing failed: %s", error)
             self._finish(state="failed", error=self._public_message(str(error)))
             return
@@ -292,10 +297,11 @@ class Api:
 
     def _thumbnail_data_uri(self, image_id: str, metadata: dict[str, Any]) -> str | None:
         try:
-            return self.thumbnail(image_id, metadata).data_uri
+            thumbnail = self.thumbnail(image_id).thumbnail
         except UnknownImage:
             log.warning("no thumbnail for %s: its file is gone or unreadable", metadata.get("path"))
             return None
+        return thumbnail.data_uri if thumbnail else None
 
     def metadata(self, image_id: str) -> dict[str, Any]:
         metadata = self.engine.catalog.metadata(image_id)
@@ -303,25 +309,43 @@ class Api:
             raise UnknownImage(image_id)
         return metadata
 
-    def thumbnail(self, image_id: str, metadata: dict[str, Any]) -> Thumbnail:
+    def thumbnail(self, image_id: str, if_none_match: Any = None) -> ServedThumbnail:
+        """The thumbnail of the image's file as it is now (opened once), cached while the file is unchanged.
+
+        When `if_none_match` matches, the thumbnail is not made (`thumbnail` is None: a 304).
+        """
         size = self.settings.THUMBNAIL_SIZE
+        metadata = self.metadata(image_id)
+        file, opened = self.engine.open_file(image_id)
+        with file:
+            etag = f"{file_etag(metadata, opened)[:32]}-{size}"
+            if if_none_match is not None and if_none_match.contains(etag):
+                return ServedThumbnail(None, etag)
 
-        def make() -> bytes:
-            path = self.engine.image_path(image_id)
-            try:
-                return thumbnail_jpeg(path, size, self.settings.MAX_IMAGE_MEGAPIXELS)
-            except (ImageLoadError, OSError) as error:
-                log.warning("cannot make a thumbnail of %s: %s", metadata.get("path"), error)
-                raise UnknownImage(image_id) from None
+            def make() -> bytes:
+                try:
+                    return thumbnail_jpeg(file, size, self.settings.MAX_IMAGE_MEGAPIXELS)
+                except (ImageLoadError, OSError) as error:
+                    log.warning("cannot make a thumbnail of %s: %s", metadata.get("path"), error)
+                    raise UnknownImage(image_id) from None
 
-        return self.thumbnails.get_or_make((content_key(metadata), size), make)
+            return ServedThumbnail(self.thumbnails.get_or_make((etag, size), make), etag)
 
 
-def content_key(metadata: dict[str, Any]) -> str:
-    """The content hash of an image, or its path, size and time when no hash is stored."""
-    return metadata.get("content_hash") or f"{metadata.get('path')}:{metadata.get('file_size')}:" + str(
-        metadata.get("modified")
-    )
+@dataclass(frozen=True)
+class ServedThumbnail:
+    thumbnail: Thumbnail | None
+    etag: str
+
+
+def file_etag(metadata: dict[str, Any], opened: os.stat_result) -> str:
+    """An entity tag of the file as it is now: its indexed content hash and its current identity.
+
+    A file replaced or edited after indexing (another inode, size or modification time) gets a new tag.
+    """
+    facts = (metadata.get("content_hash"), opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
+    identity = ":".join(str(fact) for fact in facts)
+    return hashlib.sha256(identity.encode()).hexdigest()
 
 
 def current_api() -> Api:
@@ -415,6 +439,7 @@ def add_response_headers(response: Response) -> Response:
 
 
 def _register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(NotJson, lambda error: error_response(415, str(error)))
     app.register_error_handler(BadRequest, lambda error: error_response(400, str(error)))
     app.register_error_handler(QueryError, lambda error: error_response(400, str(error)))
     app.register_error_handler(UnknownImage, lambda error: error_response(404, str(error)))
@@ -481,7 +506,7 @@ def parsed_search_request() -> SearchRequest:
     mimetype = request.mimetype
     if mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return search_request_from_form(*_form_fields())
-    if mimetype == "application/json" or mimetype.endswith("+json"):
+    if is_json_type(mimetype):
         return search_request_from_json(json_body(request))
     raise BadRequest("send the search as JSON (application/json) or as multipart/form-data")
 
@@ -503,13 +528,12 @@ def _form_fields() -> tuple[Any, Any]:
 
 def thumbnail(image_id: str) -> Response:
     api = current_api()
-    metadata = api.metadata(image_id)
-    etag = f"{content_key(metadata)[:32]}-{api.settings.THUMBNAIL_SIZE}"
-    if request.if_none_match.contains(etag):
+    served = api.thumbnail(image_id, request.if_none_match)
+    if served.thumbnail is None:
         response = Response(status=304)
     else:
-        response = Response(api.thumbnail(image_id, metadata).jpeg, mimetype="image/jpeg")
-    response.set_etag(etag)
+        response = Response(served.thumbnail.jpeg, mimetype="image/jpeg")
+    response.set_etag(served.etag)
     response.headers["Cache-Control"] = api.cache_control
     return response
 
@@ -517,8 +541,18 @@ def thumbnail(image_id: str) -> Response:
 def image(image_id: str) -> Response:
     api = current_api()
     metadata = api.metadata(image_id)
-    path = api.engine.image_path(image_id)
-    response = send_file(path, etag=content_key(metadata)[:64], conditional=True)
+    file, opened = api.engine.open_file(image_id)
+    response = send_file(
+        file,
+        download_name=os.path.basename(metadata["path"]),
+        etag=file_etag(metadata, opened)[:64],
+        last_modified=opened.st_mtime,
+        conditional=True,
+    )
+    if response.status_code == 200:
+        response.content_length = opened.st_size
+    else:
+        file.close()
     response.headers["Cache-Control"] = api.cache_control
     return response
 
@@ -528,20 +562,20 @@ def index_status() -> Response:
 
 
 def start_index() -> Response:
-    job = current_api().index_job
+    api = current_api()
     has_body = bool(request.get_data(cache=True).strip())
-    metadata = _index_metadata(json_body(request)) if has_body else None
-    if not job.start(metadata):
-        status = job.status()
+    metadata = _index_metadata(json_body(request), api.engine) if has_body else None
+    if not api.index_job.start(metadata):
+        status = api.index_job.status()
         status["error"] = "an indexing job is already running; follow it with GET /index"
         return Response(json.dumps(status), status=409, mimetype="application/json")
-    response = jsonify(job.status())
+    response = jsonify(api.index_job.status())
     response.status_code = 202
     response.headers["Location"] = "/index"
     return response
 
 
-def _index_metadata(body: Any) -> list[dict[str, Any]] | None:
+def _index_metadata(body: Any, engine: ImageRetrieval) -> list[dict[str, Any]] | None:
     if not isinstance(body, dict):
         raise BadRequest('the body of POST /index must be an object, e.g. {"metadata": [...]}')
     unknown = sorted(set(body) - {"metadata"})
@@ -552,19 +586,10 @@ def _index_metadata(body: Any) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
         raise BadRequest("metadata must be a list of objects, each with a path")
-    for number, record in enumerate(records):
-        _check_metadata_record(record, f"metadata[{number}]")
-    return records
-
-
-def _check_metadata_record(record: dict[str, Any], where: str) -> None:
-    path = record.get("path")
-    if not isinstance(path, str) or not path.strip():
-        raise BadRequest(f"{where} needs a path: the image's path relative to the dataset folder")
-    for key, value in record.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(item, str | int | float) for item in values):
-            raise BadRequest(f"{where}.{key} must be text, a number, true/false or a list of those")
+    try:
+        return normalised_records(records, engine.metadata_limits, lambda number: f"metadata[{number}]")
+    except MetadataError as error:
+        raise BadRequest(str(error)) from None
 
 
 def openapi() -> Response:

@@ -43,6 +43,10 @@ class BadRequest(ValueError):
     """A request that cannot be answered as sent; the message says what to change."""
 
 
+class NotJson(BadRequest):
+    """A body sent to a JSON endpoint under another content type (415)."""
+
+
 @dataclass
 class SearchRequest:
     query: SearchQuery
@@ -113,6 +117,8 @@ def _form_json(name: str, text: str) -> Any:
         return json.loads(text, parse_constant=_reject_constant)
     except ValueError as error:
         raise BadRequest(f"{name} must be JSON: {error}") from None
+    except RecursionError:
+        raise BadRequest(f"{name} must be JSON: nested too deeply") from None
 
 
 def _search_request(values: dict[str, Any]) -> SearchRequest:
@@ -228,8 +234,20 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in JSON")
 
 
+def is_json_type(mimetype: str) -> bool:
+    return mimetype == "application/json" or mimetype.endswith("+json")
+
+
 def json_body(req: Request) -> Any:
-    """The parsed JSON body, with a clear error when it is not JSON."""
+    """The parsed JSON body, with a clear error when it is not JSON or not sent as JSON.
+
+    A JSON endpoint refuses other content types (text/plain is what a web page may send anywhere
+    without asking), and JSON nested deeper than Python's parser can follow is a 400, not a crash.
+    """
+    if not is_json_type(req.mimetype):
+        raise NotJson(
+            f"send the body as JSON with Content-Type: application/json, not {req.mimetype or 'none'}"
+        )
     raw = req.get_data(cache=True)
     if not raw.strip():
         raise BadRequest("the request body is empty: send a JSON object")
@@ -237,3 +255,5 @@ def json_body(req: Request) -> Any:
         return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise BadRequest(f"invalid JSON: {error}") from None
+    except RecursionError:
+        raise BadRequest("invalid JSON: nested too deeply") from None

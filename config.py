@@ -22,6 +22,13 @@ class Settings:
     CHROMA_PORT: int = 8001
     COLLECTION_NAME: str = "image_embeddings"
     METADATA_FILE_NAMES: str = "metadata.csv,metadata.json"
+    # Custom metadata limits (metadata files and POST /index alike); Chroma breaks past ~5,400 values.
+    METADATA_MAX_RECORDS: int = 500000
+    METADATA_MAX_FIELDS: int = 100
+    METADATA_MAX_NAME_CHARS: int = 64
+    METADATA_MAX_VALUE_CHARS: int = 10000
+    METADATA_MAX_LIST_ITEMS: int = 100
+    METADATA_MAX_VALUES: int = 1000
     # The model.
     MODEL_NAME: str = "ViT-B/32"
     DEVICE: str = "auto"

@@ -64,9 +64,11 @@ class ProgressBar:
 
 def index_locally(settings: Settings, args: argparse.Namespace) -> int:
     from image_retrieval import ImageRetrieval
-    from metadata_import import read_metadata_file
+    from metadata_import import MetadataLimits, read_metadata_file
 
-    records = read_metadata_file(args.metadata) if args.metadata else None
+    records = (
+        read_metadata_file(args.metadata, MetadataLimits.from_settings(settings)) if args.metadata else None
+    )
     bar = ProgressBar(not args.quiet)
     with ImageRetrieval(settings, role="embed_images", rebuild=args.rebuild) as engine:
         try:
@@ -81,7 +83,7 @@ def index_locally(settings: Settings, args: argparse.Namespace) -> int:
 
 def index_through_server(owner: dict[str, Any], settings: Settings, args: argparse.Namespace) -> int:
     """The API server owns the database: ask it to index, and follow its progress."""
-    from metadata_import import read_metadata_file
+    from metadata_import import MetadataLimits, read_metadata_file
 
     url = owner["url"].rstrip("/")
     if args.rebuild:
@@ -93,7 +95,7 @@ def index_through_server(owner: dict[str, Any], settings: Settings, args: argpar
     headers = {"Authorization": f"Bearer {settings.API_TOKEN}"} if settings.API_TOKEN else {}
     body: dict[str, Any] = {}
     if args.metadata:
-        body["metadata"] = read_metadata_file(args.metadata)
+        body["metadata"] = read_metadata_file(args.metadata, MetadataLimits.from_settings(settings))
     log.info("the API server at %s owns the database: indexing through it", url)
     response = requests.post(f"{url}/index", json=body, headers=headers, timeout=30)
     if response.status_code not in (202, 409):
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from clip_encoder import ModelLoadError
     from image_retrieval import IndexingRefused, StoreError
-    from metadata_import import MetadataFileError
+    from metadata_import import MetadataError
     from store import DatabaseBusy
 
     logging.basicConfig(level=settings.LOG_LEVEL, format="%(levelname)s %(name)s: %(message)s")
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         print(f"error: {busy}", file=sys.stderr)
         return 1
-    except (StoreError, ModelLoadError, IndexingRefused, MetadataFileError) as error:
+    except (StoreError, ModelLoadError, IndexingRefused, MetadataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

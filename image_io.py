@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pillow_heif
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 # HEIC/HEIF (iPhone photos) through pillow-heif; AVIF through Pillow's own plugin (Pillow >= 11.3).
 pillow_heif.register_heif_opener()
@@ -26,6 +29,21 @@ IMAGE_EXTENSIONS = frozenset(
 DRAFT_MARGIN = 1
 # Images longer than this multiple of their short side are cropped around the centre before encoding.
 MAX_ASPECT_RATIO = 4
+
+# The formats a file or an upload may be in: the common photo formats. Others that Pillow can read (ICO,
+# PPM, SGI, DDS, JPEG 2000, ...) are refused up front rather than decoded by rarely used code.
+PHOTO_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF", "AVIF", "HEIF")
+# EXIF orientation -> the transpose that makes the picture stand upright.
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+ImageSource = Path | bytes | BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +81,31 @@ def find_images(root: Path) -> Iterator[Path]:
                 yield Path(folder, name)
 
 
+def open_inside(root: Path, relative: str) -> tuple[BinaryIO, os.stat_result]:
+    """Open `root/relative` once and check the file that was opened: a regular file inside `root`.
+
+    No check-then-open: the opened descriptor itself is compared (device and inode) with the file its
+    path resolves to inside `root` afterwards, so a path swapped for a symlink to a file elsewhere, at
+    any moment, is refused (`PermissionError`) rather than read. `root` must be resolved.
+    """
+    path = root / relative
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        opened = os.fstat(descriptor)
+        if not stat.S_ISREG(opened.st_mode):
+            raise PermissionError(f"{relative} is not a regular file")
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(root):
+            raise PermissionError(f"{relative} points outside the dataset folder")
+        current = os.stat(real)
+        if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+            raise PermissionError(f"{relative} changed while it was being opened")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return os.fdopen(descriptor, "rb"), opened
+
+
 def file_hash(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -71,22 +114,25 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def open_image(source: Path | bytes, max_megapixels: float) -> Image.Image:
-    """Open an image without decoding its pixels, refusing what is not an image or too large."""
+def open_image(source: ImageSource, max_megapixels: float) -> Image.Image:
+    """Open an image without decoding its pixels, refusing what is not a photo format or too large."""
     try:
-        if isinstance(source, bytes):
-            if not source:
-                raise ImageLoadError("empty file")
-            source = io.BytesIO(source)
-        elif os.path.getsize(source) == 0:
+        if _source_size(source) == 0:
             raise ImageLoadError("empty file (0 bytes)")
+        stream = io.BytesIO(source) if isinstance(source, bytes) else source
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Corrupt EXIF data": the EXIF block is just not used
-            image = Image.open(source)
+            image = Image.open(stream, formats=_photo_formats())
+    except ImageLoadError:
+        raise
     except UnidentifiedImageError:
-        raise ImageLoadError("not an image (unrecognised format)") from None
+        raise ImageLoadError(
+            f"not an image (unrecognised format; accepted: {', '.join(_photo_formats())})"
+        ) from None
     except OSError as error:
         raise ImageLoadError(f"cannot read: {error.strerror or error}") from None
+    except Exception as error:  # Pillow's header parsers raise many kinds of errors on hostile data
+        raise ImageLoadError(f"corrupt image header ({type(error).__name__})") from None
     megapixels = image.width * image.height / 1e6
     if megapixels > max_megapixels:
         raise ImageLoadError(
@@ -98,8 +144,21 @@ def open_image(source: Path | bytes, max_megapixels: float) -> Image.Image:
     return image
 
 
+def _source_size(source: ImageSource) -> int:
+    if isinstance(source, bytes):
+        return len(source)
+    if isinstance(source, Path | str):
+        return os.path.getsize(source)
+    return os.fstat(source.fileno()).st_size
+
+
+def _photo_formats() -> list[str]:
+    Image.init()
+    return [name for name in PHOTO_FORMATS if name in Image.OPEN]
+
+
 def decode_for_model(
-    source: Path | bytes, min_side: int, max_megapixels: float
+    source: ImageSource, min_side: int, max_megapixels: float
 ) -> tuple[Image.Image, ImageFacts]:
     """The image as RGB, upright (EXIF orientation applied), JPEGs drafted down to >= `min_side`.
 
@@ -107,31 +166,28 @@ def decode_for_model(
     """
     image = open_image(source, max_megapixels)
     exif = _exif_or_none(image)
-    facts = ImageFacts(*_upright_size(image, exif), image.format or "unknown", exif)
-    if image.format == "JPEG":
-        _draft(image, DRAFT_MARGIN * min_side)
+    orientation = exif_orientation(exif)
+    width, height = image.size
+    upright_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    facts = ImageFacts(*upright_size, image.format or "unknown", exif)
+    with _decoding():
+        if image.format in ("JPEG", "MPO"):
+            _draft(image, DRAFT_MARGIN * min_side)
+        image.load()
+        return _model_view(to_rgb(upright(image, orientation))), facts
+
+
+@contextlib.contextmanager
+def _decoding() -> Iterator[None]:
+    """Errors while decoding pixels become `ImageLoadError`: Pillow raises many kinds on hostile data."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
-            return _model_view(to_rgb(image)), facts
-    except (OSError, ValueError, SyntaxError) as error:
+            yield
+    except ImageLoadError:
+        raise
+    except Exception as error:
         raise ImageLoadError(f"corrupt or truncated image data ({error})") from None
-
-
-def _model_view(image: Image.Image) -> Image.Image:
-    """The centre of a very elongated image, with a margin: all that the model's centre crop sees.
-
-    Without it, scaling the short side of a 10000x3 strip up to the model's input would allocate gigabytes.
-    """
-    short, long = min(image.size), max(image.size)
-    keep = 2 * short + 8
-    if long <= MAX_ASPECT_RATIO * short or long <= keep:
-        return image
-    start = (long - keep) // 2
-    box = (start, 0, start + keep, short) if image.width > image.height else (0, start, short, start + keep)
-    return image.crop(box)
 
 
 def _exif_or_none(image: Image.Image) -> Image.Exif | None:
@@ -149,11 +205,32 @@ def _exif_or_none(image: Image.Image) -> Image.Exif | None:
         return None
 
 
-def _upright_size(image: Image.Image, exif: Image.Exif | None) -> tuple[int, int]:
-    orientation = exif.get(0x0112, 1) if exif is not None else 1
-    if orientation in (5, 6, 7, 8):
-        return image.height, image.width
-    return image.width, image.height
+def exif_orientation(exif: Image.Exif | None) -> int:
+    """The EXIF orientation (1 to 8); 1 when there is none or the EXIF data is malformed."""
+    try:
+        orientation = exif.get(0x0112, 1) if exif is not None else 1
+    except Exception:  # malformed EXIF only loses the orientation, never the picture
+        return 1
+    return orientation if orientation in UPRIGHT else 1
+
+
+def upright(image: Image.Image, orientation: int) -> Image.Image:
+    method = UPRIGHT.get(orientation)
+    return image if method is None else image.transpose(method)
+
+
+def _model_view(image: Image.Image) -> Image.Image:
+    """The centre of a very elongated image, with a margin: all that the model's centre crop sees.
+
+    Without it, scaling the short side of a 10000x3 strip up to the model's input would allocate gigabytes.
+    """
+    short, long = min(image.size), max(image.size)
+    keep = 2 * short + 8
+    if long <= MAX_ASPECT_RATIO * short or long <= keep:
+        return image
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, short) if image.width > image.height else (0, start, short, start + keep)
+    return image.crop(box)
 
 
 def _draft(image: Image.Image, min_side: int) -> None:
@@ -178,19 +255,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def thumbnail_jpeg(source: Path | bytes, size: int, max_megapixels: float) -> bytes:
+def thumbnail_jpeg(source: ImageSource, size: int, max_megapixels: float) -> bytes:
     """A JPEG whose long side is at most `size`, upright."""
     image = open_image(source, max_megapixels)
-    if image.format == "JPEG":
-        image.draft("RGB", (size, size))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image.load()
-            image = to_rgb(ImageOps.exif_transpose(image) or image)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ImageLoadError(f"corrupt or truncated image data ({error})") from None
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=85, optimize=True)
-    return out.getvalue()
+    orientation = exif_orientation(_exif_or_none(image))
+    with _decoding():
+        if image.format in ("JPEG", "MPO"):
+            image.draft("RGB", (size, size))
+        image.load()
+        image = to_rgb(upright(image, orientation))
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85, optimize=True)
+        return out.getvalue()

@@ -9,20 +9,21 @@ import base64
 import binascii
 import dataclasses
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from catalog import Catalog
 from config import Settings, load_settings
 from filters import Filter, parse_filter
-from image_io import ImageLoadError, decode_for_model
+from image_io import ImageLoadError, decode_for_model, open_inside
 from indexer import SYSTEM_FIELDS, Indexer, IndexingRefused, IndexSummary, ProgressCallback
-from metadata_import import ImportSummary, merge_records
+from metadata_import import ImportSummary, MetadataLimits, merge_records, normalised_records
 from store import (
     DatabaseLock,
     StoreError,
@@ -147,7 +148,14 @@ class _Candidate:
 
 def data_uri_bytes(data_uri: str) -> bytes:
     """The bytes of a `data:<type>;base64,<data>` URI (or of plain base64)."""
-    payload = data_uri.split(",", 1)[1] if data_uri.startswith("data:") else data_uri
+    if data_uri.startswith("data:"):
+        header, comma, payload = data_uri.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise QueryError(
+                "a data URI is data:<type>;base64,<data>: this one has no ';base64,' before its data"
+            )
+    else:
+        payload = data_uri
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -370,11 +378,20 @@ class ImageRetrieval:
     def import_metadata_file(self, path: Path) -> ImportSummary:
         from metadata_import import read_metadata_file
 
-        return self.import_metadata(read_metadata_file(path))
+        return self.import_metadata(read_metadata_file(path, self.metadata_limits))
+
+    @property
+    def metadata_limits(self) -> MetadataLimits:
+        return MetadataLimits.from_settings(self.settings)
 
     def import_metadata(self, records: list[dict[str, Any]]) -> ImportSummary:
-        """Merge custom metadata (description, tags, any field) into the stored images, no re-encoding."""
-        summary, changes = merge_records(records, self.catalog.items(), SYSTEM_FIELDS)
+        """Merge custom metadata (description, tags, any field) into the stored images, no re-encoding.
+
+        Every record is checked first (`MetadataError` names the first bad one); nothing is stored then.
+        """
+        limits = self.metadata_limits
+        records = normalised_records(records, limits, lambda number: f"metadata record {number + 1}")
+        summary, changes = merge_records(records, self.catalog.items(), SYSTEM_FIELDS, limits)
         if changes:
             self.update_metadata(list(changes), list(changes.values()))
         return summary
@@ -692,6 +709,17 @@ class ImageRetrieval:
         )
 
     # -- files -----------------------------------------------------------------------------------
+
+    def open_file(self, image_id: str) -> tuple[BinaryIO, os.stat_result]:
+        """The file of an indexed image, opened once and checked as opened (see `image_io.open_inside`)."""
+        metadata = self.catalog.metadata(image_id)
+        if metadata is None:
+            raise UnknownImage(image_id)
+        try:
+            return open_inside(self.dataset_root, metadata["path"])
+        except OSError as error:
+            log.warning("not serving %s: %s", metadata["path"], error.strerror or error)
+            raise UnknownImage(image_id) from None
 
     def image_path(self, image_id: str) -> Path:
         """The file of an indexed image, guaranteed to lie inside the dataset folder."""

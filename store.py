@@ -38,6 +38,10 @@ class StoreUnavailable(StoreError):
     """The Chroma server cannot be reached (server mode); worth retrying later."""
 
 
+class DamagedStore(StoreError):
+    """Chroma cannot apply a write it has already accepted: nothing more can be read or written."""
+
+
 class DatabaseBusy(StoreError):
     """Another process owns the embedded database."""
 
@@ -136,11 +140,35 @@ def translated_errors(settings: Settings) -> Iterator[None]:
     except StoreError:
         raise
     except Exception as error:
+        if _is_damage(error):
+            raise DamagedStore(damage_message(settings, error)) from None
         if settings.server_mode and _is_connection_error(error):
             raise StoreUnavailable(
                 f"the Chroma server at {settings.CHROMA_HOST}:{settings.CHROMA_PORT} is not answering"
             ) from None
         raise
+
+
+def _is_damage(error: Exception) -> bool:
+    text = str(error)
+    return type(error).__name__ == "InternalError" and (
+        "apply logs" in text or "compaction" in text.lower() or "backfill" in text
+    )
+
+
+def damage_message(settings: Settings, error: Exception) -> str:
+    where = (
+        f"the collection {settings.COLLECTION_NAME!r} on the Chroma server {settings.CHROMA_HOST}"
+        if settings.server_mode
+        else f"the database at {settings.CHROMA_DB_PATH}"
+    )
+    return (
+        f"{where} is damaged: Chroma cannot apply a write it accepted earlier ({error}), so nothing can "
+        "be read from it or written to it. The way out: run `python embed_images.py --rebuild` to index "
+        "the images again (their files are untouched), then import custom metadata again with "
+        "`--metadata FILE` (files named in METADATA_FILE_NAMES inside the dataset folder are applied by "
+        "themselves)"
+    )
 
 
 def _is_connection_error(error: Exception) -> bool:

@@ -12,8 +12,12 @@
     legacyToken: "imageSearch.token",
     image: "imageSearch.queryImage",
   };
-  const HIDDEN_FACTS = new Set(["path", "name", "description", "content_hash", "indexed", "tags"]);
+  const HIDDEN_FACTS = new Set(["path", "name", "description", "content_hash", "indexed", "tags", "photo_metadata"]);
   const MODES = ["vector", "keyword", "hybrid"];
+  const SORTS = ["relevance", "taken", "-taken"];
+  const PHOTO_FACTS = ["taken", "taken_offset", "camera", "lens", "focal_length", "iso", "exposure"];
+  const PLACE_FACTS = ["latitude", "longitude", "place", "region", "country", "country_code"];
+  const DATE = /^\d{4}-\d{2}-\d{2}$/;
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -25,6 +29,9 @@
     tag: $("tag-filter"),
     folder: $("folder-filter"),
     rawFilter: $("raw-filter"),
+    sort: $("sort"),
+    takenFrom: $("taken-from"),
+    takenTo: $("taken-to"),
     advanced: $("advanced"),
     knownTags: $("known-tags"),
     knownFolders: $("known-folders"),
@@ -73,6 +80,9 @@
     tag: "",
     folder: "",
     rawFilter: "",
+    sort: "relevance",
+    takenFrom: "",
+    takenTo: "",
     page: 1,
   };
 
@@ -235,6 +245,9 @@
     state.tag = params.get("tag") || "";
     state.folder = params.get("folder") || "";
     state.rawFilter = params.get("filters") || "";
+    state.sort = SORTS.includes(params.get("sort")) ? params.get("sort") : "relevance";
+    state.takenFrom = DATE.test(params.get("taken_from") || "") ? params.get("taken_from") : "";
+    state.takenTo = DATE.test(params.get("taken_to") || "") ? params.get("taken_to") : "";
     state.page = Math.max(1, Math.round(Number(params.get("page"))) || 1);
     state.similarTo = params.get("similar_to") || null;
     state.similarName = params.get("similar_name") || "";
@@ -259,6 +272,9 @@
     if (state.tag) params.set("tag", state.tag);
     if (state.folder) params.set("folder", state.folder);
     if (state.rawFilter) params.set("filters", state.rawFilter);
+    if (state.sort !== "relevance") params.set("sort", state.sort);
+    if (state.takenFrom) params.set("taken_from", state.takenFrom);
+    if (state.takenTo) params.set("taken_to", state.takenTo);
     if (state.page > 1) params.set("page", String(state.page));
     return params;
   }
@@ -303,6 +319,9 @@
     el.tag.value = state.tag;
     el.folder.value = state.folder;
     el.rawFilter.value = state.rawFilter;
+    el.sort.value = state.sort;
+    el.takenFrom.value = state.takenFrom;
+    el.takenTo.value = state.takenTo;
     if (state.rawFilter) el.advanced.open = true;
   }
 
@@ -315,6 +334,9 @@
     state.tag = el.tag.value.trim();
     state.folder = el.folder.value.trim().replace(/^\/+/, "");
     state.rawFilter = el.rawFilter.value.trim();
+    state.sort = SORTS.includes(el.sort.value) ? el.sort.value : "relevance";
+    state.takenFrom = DATE.test(el.takenFrom.value) ? el.takenFrom.value : "";
+    state.takenTo = DATE.test(el.takenTo.value) ? el.takenTo.value : "";
   }
 
   // ---- the query ---------------------------------------------------------------------------------
@@ -329,7 +351,16 @@
     if (state.rawFilter) clauses.push(state.rawFilter);
     if (state.tag) clauses.push(`tags contains ${filterValue(state.tag)}`);
     if (state.folder) clauses.push(`folder prefix ${filterValue(state.folder)}`);
+    if (state.takenFrom) clauses.push(`taken >= ${state.takenFrom}`);
+    if (state.takenTo) clauses.push(`taken < ${nextDay(state.takenTo)}`);
     return clauses.join(" and ");
+  }
+
+  /** The day after a YYYY-MM-DD date: "taken until" includes the whole of its last day. */
+  function nextDay(date) {
+    const day = new Date(`${date}T00:00:00Z`);
+    day.setUTCDate(day.getUTCDate() + 1);
+    return day.toISOString().slice(0, 10);
   }
 
   function hasQuery() {
@@ -342,6 +373,7 @@
     if (state.image) body.image = state.image;
     if (state.similarTo) body.similar_to = state.similarTo;
     if (state.minScore !== null) body.min_score = state.minScore;
+    if (state.sort !== "relevance") body.sort = state.sort;
     const filters = filterText();
     if (filters) body.filters = filters;
     return body;
@@ -626,6 +658,9 @@
     if (state.tag) chips.push(chip("Tag", state.tag, () => removeFilter(el.tag)));
     if (state.folder) chips.push(chip("Folder", state.folder, () => removeFilter(el.folder)));
     if (state.rawFilter) chips.push(chip("Filter", state.rawFilter, () => removeFilter(el.rawFilter)));
+    if (state.takenFrom || state.takenTo) {
+      chips.push(chip("Taken", `${state.takenFrom || "…"} – ${state.takenTo || "…"}`, () => removeFilter(el.takenFrom, el.takenTo)));
+    }
     if (state.minScore !== null) chips.push(chip("Score ≥", String(state.minScore), () => removeFilter(el.minScore)));
     el.chips.replaceChildren(...chips);
   }
@@ -636,8 +671,8 @@
     el.query.focus();
   }
 
-  function removeFilter(input) {
-    input.value = "";
+  function removeFilter(...inputs) {
+    for (const input of inputs) input.value = "";
     optionsChanged();
   }
 
@@ -764,6 +799,7 @@
           "span",
           { class: "card-body" },
           node("span", { class: "card-name", title: hit.path, text: fileName(hit) }),
+          takenElement(hit.metadata, false),
           node(
             "span",
             { class: "card-meta" },
@@ -796,6 +832,52 @@
     return Number.isFinite(number) ? new Date(number * 1000).toLocaleString() : String(seconds);
   }
 
+  /** A <time> of the date taken (the camera's local time, stored as if UTC), or null when unknown. */
+  function takenElement(metadata, withTime) {
+    const taken = Number((metadata || {}).taken);
+    if (!(metadata && metadata.taken !== undefined && Number.isFinite(taken))) return null;
+    const moment = new Date(taken * 1000);
+    const options = withTime ? { timeZone: "UTC", dateStyle: "medium", timeStyle: "short" } : { timeZone: "UTC", dateStyle: "medium" };
+    const offset = withTime && metadata.taken_offset ? ` (UTC${metadata.taken_offset})` : "";
+    const iso = moment.toISOString().slice(0, 19) + (metadata.taken_offset || "");
+    return node("time", { class: "card-taken", datetime: iso, text: moment.toLocaleString(undefined, options) + offset });
+  }
+
+  function exposureText(metadata) {
+    const parts = [];
+    const exposure = Number(metadata.exposure);
+    if (Number.isFinite(exposure) && exposure > 0) parts.push(exposure < 1 ? `1/${Math.round(1 / exposure)} s` : `${exposure} s`);
+    if (metadata.focal_length) parts.push(`${metadata.focal_length} mm`);
+    if (metadata.iso) parts.push(`ISO ${metadata.iso}`);
+    return parts.join(" · ");
+  }
+
+  function placeFacts(metadata) {
+    const facts = [];
+    const name = [metadata.place, metadata.region, metadata.country].filter(Boolean).filter((part, i, all) => all.indexOf(part) === i);
+    const latitude = Number(metadata.latitude);
+    const longitude = Number(metadata.longitude);
+    const located = metadata.latitude !== undefined && Number.isFinite(latitude) && Number.isFinite(longitude);
+    if (name.length) facts.push(fact("Place", name.join(", ")));
+    if (located) {
+      const map = `https://www.openstreetmap.org/?mlat=${latitude}&mlon=${longitude}#map=14/${latitude}/${longitude}`;
+      const label = `${latitude.toFixed(5)}, ${longitude.toFixed(5)}`;
+      facts.push(fact("Position", node("a", { class: "map-link", href: map, target: "_blank", rel: "noopener", text: `${label} (map)` })));
+    }
+    return facts;
+  }
+
+  function photoFacts(metadata) {
+    const facts = [];
+    const taken = takenElement(metadata, true);
+    if (taken) facts.push(fact("Taken", taken));
+    if (metadata.camera) facts.push(fact("Camera", String(metadata.camera)));
+    if (metadata.lens) facts.push(fact("Lens", String(metadata.lens)));
+    const exposure = exposureText(metadata);
+    if (exposure) facts.push(fact("Exposure", exposure));
+    return [...facts, ...placeFacts(metadata)];
+  }
+
   function fact(label, ...value) {
     return [node("dt", { text: label }), node("dd", {}, ...value)];
   }
@@ -812,7 +894,7 @@
 
   function factsOf(hit) {
     const metadata = hit.metadata || {};
-    const facts = [fact("Path", node("code", { text: hit.path })), fact("Score", formatScore(hit.score))];
+    const facts = [fact("Path", node("code", { text: hit.path })), fact("Score", formatScore(hit.score)), ...photoFacts(metadata)];
     if (metadata.width && metadata.height) facts.push(fact("Dimensions", `${metadata.width} × ${metadata.height}`));
     if (metadata.format) facts.push(fact("Format", String(metadata.format)));
     if (metadata.file_size !== undefined) facts.push(fact("File size", formatBytes(metadata.file_size)));
@@ -824,7 +906,7 @@
     }
     const duplicates = Array.isArray(hit.duplicates) ? hit.duplicates.length : 0;
     if (duplicates) facts.push(fact("Duplicates", `${duplicates} near-identical image${duplicates > 1 ? "s" : ""} folded in`));
-    const shown = new Set([...HIDDEN_FACTS, "width", "height", "format", "file_size", "modified", "folder"]);
+    const shown = new Set([...HIDDEN_FACTS, ...PHOTO_FACTS, ...PLACE_FACTS, "width", "height", "format", "file_size", "modified", "folder"]);
     for (const [key, value] of Object.entries(metadata)) {
       if (shown.has(key) || value === null || value === "" || typeof value === "object") continue;
       facts.push(fact(key.replace(/_/g, " "), String(value)));
@@ -1046,7 +1128,7 @@
       el.fileInput.value = "";
     });
     for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", optionsChanged);
-    for (const input of [el.topK, el.minScore, el.tag, el.folder, el.rawFilter]) {
+    for (const input of [el.topK, el.minScore, el.tag, el.folder, el.rawFilter, el.sort, el.takenFrom, el.takenTo]) {
       input.addEventListener("change", optionsChanged);
       input.addEventListener("keydown", (event) => {
         if (event.key === "Enter") {

@@ -1,0 +1,294 @@
+"""Issue 19: hostile input, round 2. One request must never break the database or the server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from api_server import settings_env
+from conftest import make_settings
+from PIL import Image, ImageOps
+
+from image_retrieval import ImageRetrieval
+from indexer import image_id
+from metadata_import import MetadataError, MetadataFileError
+from store import DamagedStore
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = 4
+# One record of this many custom fields broke Chroma 1.5.9 for good (about 5,460 values per record).
+FIELDS_THAT_BREAK_CHROMA = 6000
+
+
+def copy_photos(coco_source, dest: Path, count: int = PHOTOS) -> list[str]:
+    folder, annotations = coco_source
+    dest.mkdir(parents=True, exist_ok=True)
+    for annotation in annotations[:count]:
+        shutil.copy(folder / annotation["image"], dest / annotation["image"])
+    return [annotation["image"] for annotation in annotations[:count]]
+
+
+def run_script(script: str, settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        env={**os.environ, **settings_env(settings)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def indexed(tmp_path, tiny_checkpoint, coco_source):
+    """(settings, photo names) of a small, indexed dataset; the engine is closed again."""
+    names = copy_photos(coco_source, tmp_path / "dataset")
+    settings = make_settings(tmp_path, tmp_path / "dataset", tiny_checkpoint, RATE_LIMIT_PER_MINUTE=0)
+    with ImageRetrieval(settings) as engine:
+        engine.index_folder()
+    return settings, names
+
+
+@pytest.fixture
+def api_client(indexed):
+    """A Flask test client over an engine of the indexed dataset; yields (client, engine, names)."""
+    from api import create_app
+
+    settings, names = indexed
+    with ImageRetrieval(settings, role="api") as engine:
+        yield create_app(settings, engine).test_client(), engine, names
+
+
+def wait_for_job(client) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = client.get("/index").get_json()
+        if job["state"] != "running":
+            return job
+        time.sleep(0.05)
+    raise AssertionError("indexing did not finish")
+
+
+def many_fields(count: int) -> dict[str, str]:
+    return {f"field{number}": "x" for number in range(count)}
+
+
+# -- 1. metadata records that would break the store ----------------------------------------------
+
+
+def test_post_index_refuses_oversized_records_and_non_json(api_client):
+    client, engine, names = api_client
+    before = dict(engine.catalog.items())
+    record = {"path": names[0], **many_fields(FIELDS_THAT_BREAK_CHROMA)}
+    as_text = client.post("/index", data=json.dumps({"metadata": [record]}), content_type="text/plain")
+    assert as_text.status_code == 415 and "application/json" in as_text.get_json()["error"]
+    refusals = [
+        ([record], "METADATA_MAX_FIELDS=100"),
+        ([{"path": names[0], "n" * 65: "x"}], "METADATA_MAX_NAME_CHARS=64"),
+        ([{"path": names[0], "description": "x" * 10_001}], "METADATA_MAX_VALUE_CHARS=10000"),
+        ([{"path": names[0], "tags": [f"t{n}" for n in range(101)]}], "METADATA_MAX_LIST_ITEMS=100"),
+        ([{"path": names[0], **{f"l{n}": ["a"] * 100 for n in range(11)}}], "METADATA_MAX_VALUES=1000"),
+        ([{"path": names[0], "$and": 1}], "cannot be stored"),
+        ([{"path": names[0], "": 1}], "empty name"),
+        ([{"path": names[0], "mixed": [1, "a"]}], "mixes kinds"),
+        ([{"path": names[0], "big": 2**64}], "too large"),
+        ([{"path": names[0]}, {"path": names[1], "size": {"w": 1}}], "metadata[1].size must be text"),
+    ]
+    for records, message in refusals:
+        response = client.post("/index", json={"metadata": records})
+        assert response.status_code == 400, (message, response.get_json())
+        assert message in response.get_json()["error"], response.get_json()
+    assert dict(engine.catalog.items()) == before
+    accepted = client.post("/index", json={"metadata": [{"path": names[0], "tags": 5, **many_fields(99)}]})
+    assert accepted.status_code == 202, accepted.get_json()
+    job = wait_for_job(client)
+    assert job["state"] == "done", job
+    stored = next(meta for _, meta in engine.catalog.items() if meta["path"] == names[0])
+    assert stored["tags"] == ["5"] and stored["field98"] == "x"
+
+
+def test_metadata_files_are_checked_with_the_same_limits(indexed, tmp_path):
+    settings, names = indexed
+    header = "path," + ",".join(many_fields(FIELDS_THAT_BREAK_CHROMA))
+    wide_csv = tmp_path / "wide.csv"
+    wide_csv.write_text(f"{header}\n{names[0]}," + ",".join(["x"] * FIELDS_THAT_BREAK_CHROMA) + "\n")
+    wide_json = tmp_path / "wide.json"
+    wide_json.write_text(json.dumps([{"path": names[0], **many_fields(FIELDS_THAT_BREAK_CHROMA)}]))
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps([{"path": name, "tags": 5} for name in names * 3]))
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    with ImageRetrieval(settings.with_overrides(METADATA_MAX_RECORDS=10)) as engine:
+        before = dict(engine.catalog.items())
+        for path, message in (
+            (wide_csv, "line 2 has 6000 fields, more than METADATA_MAX_FIELDS=100"),
+            (wide_json, "record 1 has 6000 fields"),
+            (many, "12 metadata records are more than METADATA_MAX_RECORDS=10"),
+            (nested, "nested too deeply"),
+        ):
+            with pytest.raises(MetadataFileError, match=message):
+                engine.import_metadata_file(path)
+        # Records for one image are merged: together they must stay within the limits too.
+        halves = [
+            {"path": names[0], **many_fields(60)},
+            {"path": names[0], **{f"more{n}": 1 for n in range(60)}},
+        ]
+        with pytest.raises(MetadataError, match="all records for it merged"):
+            engine.import_metadata(halves)
+        assert dict(engine.catalog.items()) == before
+        engine.write(["extra"], np.ones((1, engine.encoder.dim), dtype=np.float32), [{"path": "x.jpg"}])
+    cli = run_script("embed_images.py", settings, "--quiet", "--metadata", str(wide_csv))
+    assert cli.returncode == 1 and "METADATA_MAX_FIELDS=100" in cli.stderr and "Traceback" not in cli.stderr
+    with ImageRetrieval(settings) as engine:
+        assert "extra" in engine.catalog
+
+
+def test_a_damaged_store_names_the_way_out(indexed):
+    settings, names = indexed
+    with ImageRetrieval(settings) as engine:
+        damaged_id = next(iter(engine.catalog.items()))[0]
+        bad = {"path": names[0], **many_fields(FIELDS_THAT_BREAK_CHROMA)}
+        with pytest.raises(DamagedStore, match=r"embed_images\.py --rebuild"):  # around the checks
+            engine.update_metadata([damaged_id], [bad])
+    for script, args in (("embed_images.py", ["--quiet"]), ("main.py", ["a dog"]), ("api.py", [])):
+        result = run_script(script, settings, *args, timeout=120)
+        assert result.returncode == 1, (script, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr and "is damaged" in result.stderr, (script, result.stderr)
+        assert "embed_images.py --rebuild" in result.stderr, script
+    rebuilt = run_script("embed_images.py", settings, "--quiet", "--rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    with ImageRetrieval(settings) as engine:
+        assert engine.count() == PHOTOS
+
+
+# -- 5. a file swapped for a symlink while it is served ------------------------------------------
+
+
+def test_a_file_flipping_to_a_symlink_is_never_served(api_client, tmp_path):
+    client, engine, names = api_client
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"SECRET-" * 1000)
+    target = Path(engine.dataset_root) / names[0]
+    keep = tmp_path / "keep.jpg"
+    shutil.copy(target, keep)
+    flipping = threading.Event()
+
+    def flip() -> None:
+        while not flipping.is_set():
+            os.symlink(secret, tmp_path / "link")
+            os.replace(tmp_path / "link", target)
+            os.link(keep, tmp_path / "real")
+            os.replace(tmp_path / "real", target)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    statuses: Counter = Counter()
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            for route in ("/images/", "/thumbnails/"):
+                response = client.get(route + image_id(names[0]))
+                statuses[response.status_code] += 1
+                assert b"SECRET-" not in response.data
+                assert response.status_code in (200, 404), response.data[:200]
+    finally:
+        flipping.set()
+        flipper.join()
+    assert statuses[200] > 0 and statuses[404] > 0, statuses
+
+
+# -- 7 and 11. files that change after indexing --------------------------------------------------
+
+
+def bad_exif_jpeg() -> bytes:
+    """A JPEG that decodes, but whose EXIF block is damaged so that Pillow's exif_transpose raises."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Camera" * 10
+    base = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(base, "JPEG", exif=exif.tobytes())
+    good = base.getvalue()
+    start = good.find(b"Exif")
+    rng = random.Random(1)
+    for _ in range(5000):
+        mutated = bytearray(good)
+        for _ in range(3):
+            mutated[rng.randrange(start, start + 120)] = rng.randrange(256)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                image = Image.open(io.BytesIO(bytes(mutated)))
+                image.load()
+            except Exception:
+                continue
+            try:
+                ImageOps.exif_transpose(image)
+            except Exception:
+                return bytes(mutated)
+    raise AssertionError("no mutation broke exif_transpose")
+
+
+def test_files_replaced_or_deleted_after_indexing(api_client, tmp_path):
+    client, engine, names = api_client
+    dataset = Path(engine.dataset_root)
+    first = client.get(f"/images/{image_id(names[0])}")
+    thumbnail = client.get(f"/thumbnails/{image_id(names[0])}")
+    assert first.status_code == 200 and thumbnail.status_code == 200
+    (dataset / names[0]).write_bytes(bad_exif_jpeg())
+    for include_images in ("thumbnail", "none"):
+        found = client.post(
+            "/search", json={"similar_to": image_id(names[1]), "include_images": include_images}
+        )
+        assert found.status_code == 200, found.get_json()
+        assert image_id(names[0]) in {hit["id"] for hit in found.get_json()["results"]}
+    changed = client.get(f"/images/{image_id(names[0])}", headers={"If-None-Match": first.headers["ETag"]})
+    assert changed.status_code == 200 and changed.data == (dataset / names[0]).read_bytes()
+    assert changed.headers["ETag"] != first.headers["ETag"]
+    new_thumbnail = client.get(
+        f"/thumbnails/{image_id(names[0])}", headers={"If-None-Match": thumbnail.headers["ETag"]}
+    )
+    assert new_thumbnail.status_code == 200 and new_thumbnail.headers["ETag"] != thumbnail.headers["ETag"]
+    assert new_thumbnail.data != thumbnail.data
+    cached = client.get(f"/thumbnails/{image_id(names[1])}")
+    assert cached.status_code == 200
+    (dataset / names[1]).unlink()
+    for headers in ({}, {"If-None-Match": cached.headers["ETag"]}):
+        for route in ("/thumbnails/", "/images/"):
+            gone = client.get(route + image_id(names[1]), headers=headers)
+            assert gone.status_code == 404 and "no indexed image" in gone.get_json()["error"], route
+
+
+def other_format(kind: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), "blue").save(out, kind)
+    return out.getvalue()
+
+
+def test_uploads_in_rare_formats_and_broken_data_uris_are_refused(api_client):
+    client, _, _ = api_client
+    for kind in ("ICO", "PPM", "SGI", "DDS", "JPEG2000", "TGA"):
+        data = other_format(kind)
+        for body in (
+            {"image": "data:image/x;base64," + base64.b64encode(data).decode()},
+            {"image": base64.b64encode(data).decode()},
+        ):
+            response = client.post("/search", json=body)
+            assert response.status_code == 400 and "unrecognised format" in response.get_json()["error"], kind
+        upload = client.post("/search", data={"image": (io.BytesIO(data), f"x.{kind.lower()}")})
+        assert upload.status_code == 400, kind
+    for uri in ("data:image/png;base64", "data:", "data:image/png,abc", "data:;base64"):
+        response = client.post("/search", json={"image": uri})
+        assert response.status_code == 400 and "data URI" in response.get_json()["error"], uri

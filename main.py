@@ -85,7 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--filter", help="metadata filter, e.g. 'tags contains dog and width >= 500'")
     parser.add_argument("--min-score", help="lowest score shown, -1 to 1")
     parser.add_argument(
-        "--sort", choices=SORTS, default="relevance", help="order: relevance, taken or -taken (date taken)"
+        "--sort",
+        choices=SORTS,
+        default="relevance",
+        help="order: relevance, taken or -taken (date taken; write --sort=-taken)",
     )
     add_index_arguments(parser)
     parser.add_argument("--results", help="folder for the saved grids (RESULTS_FOLDER)")

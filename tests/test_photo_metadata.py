@@ -374,3 +374,21 @@ def test_an_edited_photo_loses_the_fields_it_no_longer_has(photo_library, settin
     with ImageRetrieval(settings) as reopened:
         edited = by_name(reopened)["a.jpg"]
         assert not {"place", "latitude", "taken"} & set(edited) and edited["camera"] == "Apple iPhone 12"
+
+
+def test_repl_sort_command_and_cli_flag(photo_library, settings_for, capsys):
+    from main import Options, Session, options_from, parse_args
+
+    settings = settings_for(photo_library)
+    assert options_from(parse_args(["beach", "--sort=-taken"]), settings).sort == "-taken"
+    with ImageRetrieval(settings) as engine:
+        engine.index_folder()
+        session = Session(engine, Options(top_k=3))
+        session.handle(":sort newest")
+        assert "the order is one of relevance, taken, -taken" in capsys.readouterr().err
+        session.handle(":sort -taken")
+        assert session.options.sort == "-taken" and "sort=-taken" in session.options.describe()
+        capsys.readouterr()
+        session.handle("a photo")
+        table = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in table[1:4]] == ["trip/e.avif", "trip/c.jpg", "trip/a.jpg"]

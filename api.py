@@ -43,6 +43,7 @@ from api_requests import (
     BadRequest,
     NotJson,
     SearchRequest,
+    explain_request_from_json,
     is_json_type,
     json_body,
     search_request_from_form,
@@ -280,6 +281,8 @@ class Api:
             "results": self._results(result, search.include_images),
             "total_results": len(result.hits),
             "has_more": result.has_more,
+            "total": result.total,
+            "total_exact": result.total_exact,
         }
         if result.note:
             answer["note"] = result.note
@@ -482,6 +485,7 @@ def _internal_error(error: Exception) -> Response:
 def _register_routes(app: Flask) -> None:
     app.add_url_rule("/", "health", health, methods=["GET"])
     app.add_url_rule("/search", "search", search, methods=["POST"])
+    app.add_url_rule("/explain", "explain", explain, methods=["POST"])
     app.add_url_rule("/thumbnails/<image_id>", "thumbnail", thumbnail, methods=["GET"])
     app.add_url_rule("/images/<image_id>", "image", image, methods=["GET"])
     app.add_url_rule("/index", "index_status", index_status, methods=["GET"])
@@ -524,6 +528,15 @@ def _form_fields() -> tuple[Any, Any]:
         if length is not None and length <= current_app.config["MAX_CONTENT_LENGTH"]:
             raise TooManyFormParts() from None
         raise
+
+
+def explain() -> Response:
+    """Where an indexed image matches a query: a grid of heat values, computed on demand."""
+    engine = current_api().engine
+    wanted = explain_request_from_json(json_body(request))
+    options = {} if wanted.grid is None else {"grid": wanted.grid}
+    explanation = engine.explain(wanted.image_id, wanted.parts, **options)
+    return jsonify({"id": wanted.image_id, **explanation.as_dict()})
 
 
 def thumbnail(image_id: str) -> Response:

@@ -6,6 +6,7 @@ from typing import Any
 
 from api_requests import CUTOFFS, INCLUDE_IMAGES, MAX_PART_WEIGHT, MODES, SORTS
 from config import Settings
+from explain import DEFAULT_GRID, MAX_GRID, MIN_GRID
 
 
 def openapi_document(settings: Settings) -> dict[str, Any]:
@@ -80,6 +81,19 @@ def _openapi_paths() -> dict[str, Any]:
                     "200": {
                         "description": "results in rank order",
                         "content": _json_content(_ref("SearchResponse")),
+                    },
+                    **_errors(400, 401, 404, 413, 503),
+                },
+            }
+        },
+        "/explain": {
+            "post": {
+                "summary": "Where an indexed image matches a query: a grid of heat values over the image",
+                "requestBody": {"required": True, "content": _json_content(_ref("ExplainRequest"))},
+                "responses": {
+                    "200": {
+                        "description": "heat per cell, rows from the top, 0 (coolest) to 1 (warmest)",
+                        "content": _json_content(_ref("Explanation")),
                     },
                     **_errors(400, 401, 404, 413, 503),
                 },
@@ -245,8 +259,14 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
                 "top_k": {"type": "integer"},
                 "offset": {"type": "integer"},
                 "results": {"type": "array", "items": _ref("Hit")},
-                "total_results": {"type": "integer"},
+                "total_results": {"type": "integer", "description": "results on this page"},
                 "has_more": {"type": "boolean"},
+                "total": {
+                    "type": "integer",
+                    "nullable": True,
+                    "description": "results in all: exact if total_exact, else an estimate; null: unknown",
+                },
+                "total_exact": {"type": "boolean"},
             },
         },
         "Health": {
@@ -281,6 +301,47 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
             },
         },
         "IndexStatus": _index_status_schema(),
+        **_explain_schemas(search_fields),
+    }
+
+
+def _explain_schemas(search_fields: dict[str, Any]) -> dict[str, Any]:
+    vector = {"type": "array", "items": {"type": "number"}, "description": "a query vector"}
+    grid_values = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+    return {
+        "ExplainRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["id"],
+            "properties": {
+                "id": {"type": "string", "minLength": 1, "description": "the indexed image to explain"},
+                "query": search_fields["query"],
+                "vector": vector,
+                "image": search_fields["image"],
+                "similar_to": search_fields["similar_to"],
+                "grid": {
+                    "type": "integer",
+                    "minimum": MIN_GRID,
+                    "maximum": MAX_GRID,
+                    "default": DEFAULT_GRID,
+                    "description": "cells per side",
+                },
+            },
+            "oneOf": [{"required": [name]} for name in ("query", "vector", "image", "similar_to")],
+        },
+        "Explanation": {
+            "type": "object",
+            "required": ["id", "grid", "heat", "scores", "score", "windows", "ms"],
+            "properties": {
+                "id": {"type": "string"},
+                "grid": {"type": "integer"},
+                "heat": {**grid_values, "description": "grid x grid values from 0 to 1, rows from the top"},
+                "scores": {**grid_values, "description": "each cell's best window score"},
+                "score": {"type": "number", "description": "the whole image's score"},
+                "windows": {"type": "integer", "description": "windows encoded in the one batch"},
+                "ms": {"type": "number", "description": "time the engine took"},
+            },
+        },
     }
 
 

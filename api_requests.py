@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flask import Request
 from werkzeug.datastructures import FileStorage, MultiDict
 
@@ -37,6 +38,10 @@ INCLUDE_IMAGES = ("thumbnail", "none")
 CUTOFFS = ("adaptive", "none")
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+
+EXPLAIN_FIELDS = frozenset({"id", "query", "vector", "image", "similar_to", "grid"})
+EXPLAIN_QUERIES = ("query", "vector", "image", "similar_to")
 
 
 class BadRequest(ValueError):
@@ -148,6 +153,50 @@ def _search_request(values: dict[str, Any]) -> SearchRequest:
         collapse_duplicates=_typed(values, "collapse_duplicates", bool, True),
     )
     return SearchRequest(query, text, include_images == "thumbnail")
+
+
+@dataclass
+class ExplainRequest:
+    image_id: str
+    parts: list[QueryPart]
+    grid: int | None
+
+
+def explain_request_from_json(body: Any) -> ExplainRequest:
+    """`{"id": ..., "query": "a dog"}` (or vector, image, similar_to instead of query; optional grid)."""
+    if not isinstance(body, dict):
+        raise BadRequest('the JSON body must be an object, e.g. {"id": "...", "query": "a dog"}')
+    unknown = sorted(set(body) - EXPLAIN_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(EXPLAIN_FIELDS))}")
+    values = {key: value for key, value in body.items() if value is not None}
+    image_id = _typed(values, "id", str)
+    if not image_id:
+        raise BadRequest("missing id: the id of the indexed image to explain")
+    given = [name for name in EXPLAIN_QUERIES if name in values]
+    if len(given) != 1:
+        raise BadRequest(f"give exactly one of {', '.join(EXPLAIN_QUERIES)}")
+    return ExplainRequest(image_id, [_explain_part(given[0], values[given[0]])], _integer(values, "grid"))
+
+
+def _explain_part(name: str, value: Any) -> QueryPart:
+    if name == "image":
+        return QueryPart(image=_image_bytes(value, name))
+    if name == "vector":
+        if not isinstance(value, list) or not all(
+            isinstance(item, int | float) and not isinstance(item, bool) for item in value
+        ):
+            raise BadRequest("vector must be a list of numbers")
+        with np.errstate(over="ignore"):
+            try:
+                vector = np.asarray(value, dtype=np.float32)
+            except OverflowError:
+                raise BadRequest("vector must hold finite numbers") from None
+        if not np.isfinite(vector).all():
+            raise BadRequest("vector must hold finite numbers")
+        return QueryPart(vector=vector)
+    text = _typed({name: value}, name, str)
+    return QueryPart(text=text) if name == "query" else QueryPart(id=text)
 
 
 def _typed(values: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:

@@ -20,6 +20,7 @@ import numpy as np
 
 from catalog import Catalog
 from config import Settings, load_settings
+from explain import DEFAULT_GRID, MAX_GRID, MIN_GRID, Explanation, heat_map
 from filters import Filter, parse_filter
 from image_io import ImageLoadError, decode_for_model, open_inside
 from indexer import SYSTEM_FIELDS, Indexer, IndexingRefused, IndexSummary, ProgressCallback
@@ -128,6 +129,8 @@ class SearchResult:
     has_more: bool
     filtered_total: int | None = None
     note: str | None = None
+    total: int | None = None
+    total_exact: bool = False
 
     def hit_dicts(self) -> list[dict[str, Any]]:
         """The hits as JSON-ready objects; keyword and hybrid hits say why they matched."""
@@ -421,13 +424,15 @@ class ImageRetrieval:
         mask = self.catalog.mask(image_filter) if image_filter else None
         need = query.offset + top_k
         if query.sort == "relevance":
-            ranked = self._ranked_by_relevance(query, vector, keyword_text, mask, exclude, need)
+            ranked, exhausted = self._ranked_by_relevance(query, vector, keyword_text, mask, exclude, need)
         else:
             ranked = self._ranked_by_date(query, vector, keyword_text, mask, exclude, need)
+            exhausted = not query.collapse_duplicates  # else only the first pages are collapsed
         page = ranked[query.offset : need]
         hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
         filtered_total = int(mask.sum()) if mask is not None else None
-        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note)
+        total, exact = self._total(query, ranked, exhausted, filtered_total, exclude)
+        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note, total, exact)
 
     def _ranked_by_relevance(
         self,
@@ -437,14 +442,14 @@ class ImageRetrieval:
         mask: np.ndarray | None,
         exclude: frozenset[str],
         need: int,
-    ) -> list[_Candidate]:
-        """The best matches, at least `need` + 1 of them when there are that many."""
+    ) -> tuple[list[_Candidate], bool]:
+        """The best matches (at least `need` + 1 when there are that many), and whether that is all."""
         fetch = max(self._candidate_pool(query), 3 * need)
         while True:
             candidates, exhausted = self._candidates(query.mode, vector, keyword_text, mask, exclude, fetch)
             ranked = self._refine(candidates, query, vector)
             if len(ranked) > need or exhausted:
-                return ranked
+                return ranked, exhausted
             fetch *= 4
 
     def _ranked_by_date(
@@ -486,6 +491,23 @@ class ImageRetrieval:
             _Candidate(image_id, score, vector_rank=rank) for rank, (image_id, score) in enumerate(scored, 1)
         ]
         return ranked if mode == "vector" else _fuse(ranked, keyword, self.settings.HYBRID_RRF_K)
+
+    def _total(
+        self,
+        query: SearchQuery,
+        ranked: list[_Candidate],
+        exhausted: bool,
+        filtered_total: int | None,
+        exclude: frozenset[str],
+    ) -> tuple[int | None, bool]:
+        """How many results the query has in all: exact when every candidate was ranked, else an
+        estimate where the vector ranking keeps every selected image (no score cut), else unknown."""
+        if exhausted:
+            return len(ranked), True
+        if query.mode == "vector" and query.min_score is None and query.cutoff != "adaptive":
+            selected = self.count() if filtered_total is None else filtered_total
+            return max(len(ranked), selected - len(exclude)), False
+        return None, False
 
     @staticmethod
     def _candidate_pool(query: SearchQuery) -> int:
@@ -707,6 +729,25 @@ class ImageRetrieval:
             duplicates=list(candidate.duplicates),
             fused_score=candidate.fused,
         )
+
+    # -- explaining ------------------------------------------------------------------------------
+
+    def explain(self, image_id: str, parts: list[QueryPart], grid: int = DEFAULT_GRID) -> Explanation:
+        """Where the indexed image `image_id` matches the query: a heat map over a grid of cells."""
+        if not isinstance(grid, int) or isinstance(grid, bool) or not MIN_GRID <= grid <= MAX_GRID:
+            raise QueryError(f"grid must be a whole number from {MIN_GRID} to {MAX_GRID}")
+        self._validate(SearchQuery(parts))
+        self.refresh_if_stale()
+        vector = self.query_vector(parts)
+        path = self.image_path(image_id)
+        try:
+            image, _ = decode_for_model(
+                path, 2 * self.encoder.input_resolution, self.settings.MAX_IMAGE_MEGAPIXELS
+            )
+        except (ImageLoadError, OSError):
+            log.warning("cannot explain %s: its file is unreadable", path)
+            raise UnknownImage(image_id) from None
+        return heat_map(self.encoder, image, vector, grid)
 
     # -- files -----------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-/* Image search web UI: plain JavaScript over the HTTP API (POST /search, GET /, GET /images/<id>). */
+/* Image search web UI: plain JavaScript over the HTTP API (POST /search, POST /explain, GET /thumbnails/<id>,
+   GET /images/<id>, GET /). */
 "use strict";
 
 (() => {
@@ -14,6 +15,7 @@
   };
   const HIDDEN_FACTS = new Set(["path", "name", "description", "content_hash", "indexed", "tags", "photo_metadata"]);
   const MODES = ["vector", "keyword", "hybrid"];
+  const EXPLAIN_GRID = 6;
   const SORTS = ["relevance", "taken", "-taken"];
   const PHOTO_FACTS = ["taken", "taken_offset", "camera", "lens", "focal_length", "iso", "exposure"];
   const PLACE_FACTS = ["latitude", "longitude", "place", "region", "country", "country_code"];
@@ -24,6 +26,12 @@
     form: $("search-form"),
     query: $("query"),
     fileInput: $("file-input"),
+    imageButton: $("image-button"),
+    filtersButton: $("filters-button"),
+    controls: $("controls"),
+    topbar: document.querySelector(".topbar"),
+    modeSwitch: document.querySelector(".mode-switch"),
+    resultsTitle: $("results-title"),
     topK: $("top-k"),
     minScore: $("min-score"),
     tag: $("tag-filter"),
@@ -47,6 +55,14 @@
     dropOverlay: $("drop-overlay"),
     preview: $("preview"),
     previewImage: $("preview-image"),
+    heatOverlay: $("heat-overlay"),
+    heatToggle: $("heat-toggle"),
+    heatStatus: $("heat-status"),
+    detailsToggle: $("details-toggle"),
+    previewDetails: $("preview-details"),
+    engineFacts: $("engine-facts"),
+    previewDuplicates: $("preview-duplicates"),
+    duplicatesStrip: $("duplicates-strip"),
     previewTitle: $("preview-title"),
     previewPosition: $("preview-position"),
     previewDescription: $("preview-description"),
@@ -86,7 +102,17 @@
     page: 1,
   };
 
-  const view = { results: [], hasMore: false, current: -1, serial: 0, controller: null, fullImageUrl: null };
+  const view = {
+    results: [],
+    hasMore: false,
+    current: -1,
+    serial: 0,
+    controller: null,
+    fullImageUrl: null,
+    prefetched: null,
+    heat: new Map(),
+    heatController: null,
+  };
   const known = { tags: new Set(), folders: new Set() };
   let maxTopK = MAX_TOP_K;
   let dragDepth = 0;
@@ -313,7 +339,7 @@
 
   function stateToControls() {
     el.query.value = state.query;
-    for (const radio of document.querySelectorAll('input[name="mode"]')) radio.checked = radio.value === state.mode;
+    showModeSwitch(state.mode);
     el.topK.value = String(state.topK);
     el.minScore.value = state.minScore === null ? "" : String(state.minScore);
     el.tag.value = state.tag;
@@ -327,7 +353,8 @@
 
   function controlsToState() {
     const checked = document.querySelector('input[name="mode"]:checked');
-    state.mode = checked ? checked.value : "vector";
+    /* While the switch shows the mode that ranked a query without words, the user's choice is kept. */
+    if (!el.modeSwitch.dataset.ranked) state.mode = checked ? checked.value : "vector";
     state.topK = clampTopK(el.topK.value);
     el.topK.value = String(state.topK);
     state.minScore = parseMinScore(el.minScore.value);
@@ -367,8 +394,29 @@
     return Boolean(state.query || state.image || state.similarTo);
   }
 
-  function requestBody() {
-    const body = { top_k: state.topK, offset: (state.page - 1) * state.topK, mode: state.mode };
+  /**
+   * Thumbnails come by URL (browser-cached) when the page is the API's own /ui page. An <img> cannot send
+   * a Bearer token, and another origin's <img> request may be refused, so then they come inline.
+   */
+  function inlineImages() {
+    return Boolean(tokenFor(apiBase())) || apiOrigin() !== window.location.origin;
+  }
+
+  function apiOrigin() {
+    try {
+      return new URL(apiBase()).origin;
+    } catch {
+      return "";
+    }
+  }
+
+  function requestBody(page = state.page) {
+    const body = {
+      top_k: state.topK,
+      offset: (page - 1) * state.topK,
+      mode: state.mode,
+      include_images: inlineImages() ? "thumbnail" : "none",
+    };
     if (state.query) body.query = state.query;
     if (state.image) body.image = state.image;
     if (state.similarTo) body.similar_to = state.similarTo;
@@ -377,6 +425,32 @@
     const filters = filterText();
     if (filters) body.filters = filters;
     return body;
+  }
+
+  function postSearch(body, signal) {
+    return apiFetch(
+      "/search",
+      { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) },
+      signal,
+    ).then((response) => response.json());
+  }
+
+  /** The next page's answer, asked for while the user looks at this one, so that Next costs nothing. */
+  function prefetchNextPage() {
+    if (!view.hasMore) return;
+    const body = JSON.stringify(requestBody(state.page + 1));
+    if (view.prefetched && view.prefetched.body === body) return;
+    const answer = postSearch(JSON.parse(body));
+    answer.catch(() => {
+      if (view.prefetched && view.prefetched.answer === answer) view.prefetched = null;
+    });
+    view.prefetched = { body, answer };
+  }
+
+  function takePrefetched(body) {
+    const prefetched = view.prefetched;
+    view.prefetched = null;
+    return prefetched && prefetched.body === JSON.stringify(body) ? prefetched.answer : null;
   }
 
   async function runSearch({ push = true } = {}) {
@@ -392,16 +466,17 @@
     const serial = ++view.serial;
     const timer = window.setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
     view.controller = controller;
+    const body = requestBody();
+    const prefetched = takePrefetched(body);
     setLoading(true);
     try {
-      const response = await apiFetch(
-        "/search",
-        { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(requestBody()) },
-        controller.signal,
-      );
-      const data = await response.json();
+      const data = await (prefetched || postSearch(body, controller.signal)).catch((error) => {
+        if (prefetched && error.name !== "AbortError") return postSearch(body, controller.signal);
+        throw error;
+      });
       if (serial !== view.serial) return;
       showResults(data);
+      window.setTimeout(prefetchNextPage, 300);
     } catch (error) {
       if (serial !== view.serial) return;
       if (error.name === "AbortError") showError("timeout", "The search took too long and was stopped. Try again.");
@@ -444,10 +519,13 @@
     else writeStateToUrl(false);
   }
 
+  /** The new page starts at the top of the view, below the sticky header (scroll-margin in style.css). */
   function goToPage(page) {
     state.page = Math.max(1, page);
-    runSearch({ push: true }).then(() => el.results.focus({ preventScroll: true }));
-    el.results.scrollIntoView({ behavior: "smooth", block: "start" });
+    runSearch({ push: true }).then(() => {
+      el.status.scrollIntoView({ block: "start" });
+      el.results.focus({ preventScroll: true });
+    });
   }
 
   // ---- image queries -----------------------------------------------------------------------------
@@ -567,6 +645,7 @@
   }
 
   function showWelcome() {
+    el.resultsTitle.hidden = true;
     setStatus(
       "welcome",
       node(
@@ -592,8 +671,8 @@
     setStatus(kind === "input" ? "error" : kind, node("div", { class: "message" }, node("p", { text: message }), ...extra));
   }
 
+  /** The message replaces the status line only: the previous results stay on the page. */
   function showSearchError(error) {
-    clearResults();
     if (error.kind === "unreachable") {
       showError(
         "unreachable",
@@ -620,6 +699,7 @@
   }
 
   function clearResults() {
+    el.resultsTitle.hidden = true;
     view.results = [];
     view.hasMore = false;
     el.grid.replaceChildren();
@@ -654,7 +734,7 @@
         ),
       );
     }
-    if (state.similarTo) chips.push(chip("Similar to", state.similarName || state.similarTo, clearQuery));
+    if (state.similarTo) chips.push(similarChip());
     if (state.tag) chips.push(chip("Tag", state.tag, () => removeFilter(el.tag)));
     if (state.folder) chips.push(chip("Folder", state.folder, () => removeFilter(el.folder)));
     if (state.rawFilter) chips.push(chip("Filter", state.rawFilter, () => removeFilter(el.rawFilter)));
@@ -663,6 +743,35 @@
     }
     if (state.minScore !== null) chips.push(chip("Score ≥", String(state.minScore), () => removeFilter(el.minScore)));
     el.chips.replaceChildren(...chips);
+  }
+
+  function similarChip() {
+    const picture = node("img", { alt: "", width: 28, height: 28 });
+    setImageSource(picture, `/thumbnails/${encodeURIComponent(state.similarTo)}`);
+    return node(
+      "span",
+      { class: "chip chip-image" },
+      picture,
+      node("span", { class: "chip-label", text: "Similar to" }),
+      node("span", { class: "chip-value", text: state.similarName || state.similarTo }),
+      node("button", { type: "button", class: "chip-remove", "aria-label": "Remove similar to", onclick: clearQuery }, "×"),
+    );
+  }
+
+  /** An API image in an <img>: by URL (browser-cached), or fetched with the token when one is set. */
+  function setImageSource(image, path) {
+    if (!inlineImages()) {
+      image.src = apiUrl(path);
+      return;
+    }
+    apiFetch(path)
+      .then((response) => response.blob())
+      .then((blob) => {
+        const url = URL.createObjectURL(blob);
+        image.addEventListener("load", () => URL.revokeObjectURL(url), { once: true });
+        image.src = url;
+      })
+      .catch(() => image.removeAttribute("src"));
   }
 
   function clearQuery() {
@@ -682,20 +791,52 @@
     view.hasMore = Boolean(data.has_more);
     rememberFacets(results);
     el.grid.replaceChildren(...results.map(resultCard));
+    makeGridFocusable(0);
     renderPager(results.length);
+    /* The API says which mode ranked: a query without text is ranked by vector in every mode, with a note. */
+    const mode = data.mode || state.mode;
+    showModeSwitch(mode);
+    el.resultsTitle.textContent = resultsTitle();
+    el.resultsTitle.hidden = false;
     if (!results.length) {
       showNoResults();
       return;
     }
     const first = (state.page - 1) * state.topK + 1;
-    /* The API says which mode ranked: a query without text is ranked by vector in every mode, with a note. */
-    const mode = data.mode || state.mode;
     setStatus(
       "results",
-      node("span", { class: "summary", text: `Results ${first}–${first + results.length - 1}` }),
+      node("span", { class: "summary", text: `Results ${first}–${first + results.length - 1}${totalText(data)}` }),
       node("span", { class: "mode-badge", text: `${mode[0].toUpperCase()}${mode.slice(1)} search` }),
       ...(data.note ? [node("span", { class: "mode-note", text: data.note })] : []),
     );
+  }
+
+  function totalText(data) {
+    const total = Number(data.total);
+    if (data.total === null || data.total === undefined || !Number.isFinite(total)) return view.hasMore ? ", more on the next page" : "";
+    return ` of ${data.total_exact ? "" : "about "}${total.toLocaleString()}`;
+  }
+
+  function resultsTitle() {
+    if (state.query) return `Results for “${state.query}”`;
+    if (state.similarTo) return `Images similar to ${state.similarName || state.similarTo}`;
+    return `Images similar to ${state.imageName || "the query image"}`;
+  }
+
+  /** The switch shows the mode that ranked; the others are off while a query without words can't use them. */
+  function showModeSwitch(ranked) {
+    const differs = ranked !== state.mode;
+    for (const radio of document.querySelectorAll('input[name="mode"]')) {
+      radio.checked = radio.value === ranked;
+      radio.disabled = differs && radio.value !== ranked;
+    }
+    if (differs) {
+      el.modeSwitch.dataset.ranked = ranked;
+      el.modeSwitch.title = `Ranked by ${ranked}: ${state.mode} needs words in the query`;
+    } else {
+      delete el.modeSwitch.dataset.ranked;
+      el.modeSwitch.removeAttribute("title");
+    }
   }
 
   function showNoResults() {
@@ -764,52 +905,109 @@
     return Number.isFinite(number) ? number.toFixed(3) : "–";
   }
 
-  function whyLine(hit) {
-    const why = hit.why;
-    if (!why) return null;
-    const rank = (value) => (value === null || value === undefined ? "–" : `#${value}`);
-    const terms = Array.isArray(why.matched_terms) ? why.matched_terms : [];
+  /** Width over height from the stored metadata; square until the photo itself says otherwise. */
+  function aspectRatio(hit) {
+    const metadata = hit.metadata || {};
+    const ratio = Number(metadata.width) / Number(metadata.height);
+    return Number.isFinite(ratio) && ratio > 0 ? Math.min(4, Math.max(0.25, ratio)) : 1;
+  }
+
+  function duplicateCount(hit) {
+    return Array.isArray(hit.duplicates) ? hit.duplicates.length : 0;
+  }
+
+  /** A photo of the justified grid: its flex basis and growth follow its aspect ratio. */
+  function resultCard(hit, index) {
+    const duplicates = duplicateCount(hit);
+    const ratio = aspectRatio(hit);
+    const image = node("img", {
+      alt: altText(hit),
+      loading: "lazy",
+      decoding: "async",
+      width: Math.round(ratio * 200),
+      height: 200,
+    });
+    image.src = thumbnailSource(hit);
     return node(
-      "span",
-      { class: "card-why" },
-      node("span", { title: "Rank by visual similarity", text: `vector ${rank(why.vector_rank)}` }),
-      node("span", { title: "Rank by keywords", text: `keyword ${rank(why.keyword_rank)}` }),
-      terms.length ? node("span", { class: "terms", title: "Matched terms", text: terms.join(", ") }) : null,
+      "li",
+      {
+        class: "card",
+        style: `--ratio: ${ratio.toFixed(4)}`,
+        "data-id": hit.id,
+        "data-rank": hit.rank,
+        "data-score": formatScore(hit.score),
+        "data-path": hit.path,
+        "data-name": fileName(hit),
+      },
+      node(
+        "button",
+        { type: "button", class: "card-button", tabindex: -1, onclick: () => openPreview(index) },
+        image,
+        takenElement(hit.metadata, false),
+        duplicates
+          ? node("span", {
+              class: "dupes",
+              title: `${duplicates} near-duplicate${duplicates > 1 ? "s" : ""} folded into this result: open to see them`,
+              text: `+${duplicates}`,
+            })
+          : null,
+      ),
     );
   }
 
-  function resultCard(hit, index) {
-    const duplicates = Array.isArray(hit.duplicates) ? hit.duplicates.length : 0;
-    return node(
-      "li",
-      { class: "card", "data-id": hit.id, "data-rank": hit.rank },
-      node(
-        "button",
-        { type: "button", class: "card-button", onclick: () => openPreview(index) },
-        node(
-          "span",
-          { class: "thumb" },
-          node("img", { src: thumbnailSource(hit), alt: altText(hit), loading: "lazy", decoding: "async" }),
-          node("span", { class: "rank", "aria-label": `rank ${hit.rank}`, text: hit.rank }),
-          duplicates
-            ? node("span", { class: "dupes", title: "Near-duplicates folded into this result", text: `+${duplicates}` })
-            : null,
-        ),
-        node(
-          "span",
-          { class: "card-body" },
-          node("span", { class: "card-name", title: hit.path, text: fileName(hit) }),
-          takenElement(hit.metadata, false),
-          node(
-            "span",
-            { class: "card-meta" },
-            node("span", { class: "card-score-label", text: "score" }),
-            node("span", { class: "card-score", title: "Similarity score", text: formatScore(hit.score) }),
-          ),
-        ),
-        whyLine(hit),
-      ),
-    );
+  // ---- keyboard in the grid: one Tab stop, arrow keys move -------------------------------------------
+
+  function cardButtons() {
+    return Array.from(el.grid.querySelectorAll(".card-button"));
+  }
+
+  function makeGridFocusable(index) {
+    cardButtons().forEach((button, position) => button.setAttribute("tabindex", position === index ? "0" : "-1"));
+  }
+
+  function focusCard(index) {
+    const buttons = cardButtons();
+    const target = buttons[Math.max(0, Math.min(buttons.length - 1, index))];
+    if (!target) return;
+    makeGridFocusable(buttons.indexOf(target));
+    target.focus();
+  }
+
+  /** The card in the row above or below whose centre is nearest to the current card's centre. */
+  function verticalNeighbour(buttons, index, direction) {
+    const from = buttons[index].getBoundingClientRect();
+    const centre = from.left + from.width / 2;
+    let best = index;
+    let bestScore = Infinity;
+    buttons.forEach((button, position) => {
+      const box = button.getBoundingClientRect();
+      const rowGap = direction > 0 ? box.top - from.bottom : from.top - box.bottom;
+      if (rowGap < -1) return;
+      const score = rowGap * 1000 + Math.abs(box.left + box.width / 2 - centre);
+      if (score < bestScore) {
+        best = position;
+        bestScore = score;
+      }
+    });
+    return best;
+  }
+
+  function onGridKey(event) {
+    const buttons = cardButtons();
+    const index = buttons.indexOf(document.activeElement);
+    if (index < 0) return;
+    const moves = {
+      ArrowRight: () => index + 1,
+      ArrowLeft: () => index - 1,
+      ArrowDown: () => verticalNeighbour(buttons, index, 1),
+      ArrowUp: () => verticalNeighbour(buttons, index, -1),
+      Home: () => 0,
+      End: () => buttons.length - 1,
+    };
+    const move = moves[event.key];
+    if (!move) return;
+    event.preventDefault();
+    focusCard(move());
   }
 
   // ---- preview dialog ------------------------------------------------------------------------------
@@ -892,9 +1090,14 @@
     optionsChanged();
   }
 
+  /** What the engine knows about the match (file, score, ranks): behind the Details toggle. */
+  function engineFactsOf(hit) {
+    return [fact("File", fileName(hit)), fact("Path", node("code", { text: hit.path })), fact("Score", formatScore(hit.score)), fact("Rank", `#${hit.rank}`)].flat();
+  }
+
   function factsOf(hit) {
     const metadata = hit.metadata || {};
-    const facts = [fact("Path", node("code", { text: hit.path })), fact("Score", formatScore(hit.score)), ...photoFacts(metadata)];
+    const facts = [...photoFacts(metadata)];
     if (metadata.width && metadata.height) facts.push(fact("Dimensions", `${metadata.width} × ${metadata.height}`));
     if (metadata.format) facts.push(fact("Format", String(metadata.format)));
     if (metadata.file_size !== undefined) facts.push(fact("File size", formatBytes(metadata.file_size)));
@@ -904,8 +1107,6 @@
     if (tags.length) {
       facts.push(fact("Tags", node("span", { class: "tags" }, tags.map((tag) => filterLink(tag, () => applyFilterFromPreview(el.tag, tag))))));
     }
-    const duplicates = Array.isArray(hit.duplicates) ? hit.duplicates.length : 0;
-    if (duplicates) facts.push(fact("Duplicates", `${duplicates} near-identical image${duplicates > 1 ? "s" : ""} folded in`));
     const shown = new Set([...HIDDEN_FACTS, ...PHOTO_FACTS, ...PLACE_FACTS, "width", "height", "format", "file_size", "modified", "folder"]);
     for (const [key, value] of Object.entries(metadata)) {
       if (shown.has(key) || value === null || value === "" || typeof value === "object") continue;
@@ -920,7 +1121,7 @@
     const value = (number, digits) => (number === null || number === undefined ? "–" : digits ? Number(number).toFixed(digits) : `#${number}`);
     const terms = Array.isArray(why.matched_terms) && why.matched_terms.length ? why.matched_terms.join(", ") : "none";
     return [
-      node("h3", { text: "Why it matched" }),
+      node("h3", { text: "Ranking" }),
       node(
         "dl",
         { class: "facts" },
@@ -967,6 +1168,118 @@
     loader.src = source;
   }
 
+  /** The near-duplicates folded into a result, as a strip of thumbnails; one shows in the preview when chosen. */
+  function renderDuplicates(hit) {
+    const ids = Array.isArray(hit.duplicates) ? hit.duplicates : [];
+    el.previewDuplicates.hidden = !ids.length;
+    const items = ids.map((id, position) => {
+      const picture = node("img", { alt: `Near-duplicate ${position + 1}`, loading: "lazy", width: 72, height: 72 });
+      setImageSource(picture, `/thumbnails/${encodeURIComponent(id)}`);
+      return node(
+        "li",
+        { "data-id": id },
+        node("button", { type: "button", class: "duplicate-button", "aria-pressed": "false", onclick: () => showDuplicate(id) }, picture),
+      );
+    });
+    el.duplicatesStrip.replaceChildren(...items);
+  }
+
+  function showDuplicate(id) {
+    for (const button of el.duplicatesStrip.querySelectorAll(".duplicate-button")) {
+      button.setAttribute("aria-pressed", String(button.closest("li").dataset.id === id));
+    }
+    hideHeat();
+    el.preview.dataset.shown = id;
+    releaseFullImage();
+    setImageSource(el.previewImage, `/images/${encodeURIComponent(id)}`);
+    el.openOriginal.href = apiUrl(`/images/${encodeURIComponent(id)}`);
+  }
+
+  // ---- where it matched: POST /explain, drawn over the photo ------------------------------------------
+
+  function explainBody(id) {
+    const body = { id, grid: EXPLAIN_GRID };
+    if (state.query) body.query = state.query;
+    else if (state.similarTo) body.similar_to = state.similarTo;
+    else if (state.image) body.image = state.image;
+    return body;
+  }
+
+  function hideHeat() {
+    if (view.heatController) view.heatController.abort();
+    view.heatController = null;
+    el.heatOverlay.hidden = true;
+    el.heatToggle.setAttribute("aria-pressed", "false");
+    el.heatStatus.textContent = "";
+  }
+
+  async function toggleHeat() {
+    if (el.heatToggle.getAttribute("aria-pressed") === "true") {
+      hideHeat();
+      return;
+    }
+    const hit = view.results[view.current];
+    if (!hit) return;
+    el.heatToggle.setAttribute("aria-pressed", "true");
+    const body = explainBody(el.preview.dataset.shown || hit.id);
+    const key = JSON.stringify(body);
+    let heat = view.heat.get(key);
+    if (!heat) {
+      el.heatStatus.textContent = "Finding where it matched…";
+      const controller = new AbortController();
+      view.heatController = controller;
+      try {
+        const response = await apiFetch(
+          "/explain",
+          { method: "POST", headers: { "Content-Type": "application/json" }, body: key },
+          controller.signal,
+        );
+        heat = await response.json();
+      } catch (error) {
+        if (error.name === "AbortError") return;
+        el.heatStatus.textContent = `Cannot show where it matched: ${error.message}`;
+        el.heatToggle.setAttribute("aria-pressed", "false");
+        return;
+      }
+      view.heat.set(key, heat);
+    }
+    if (el.heatToggle.getAttribute("aria-pressed") !== "true") return;
+    drawHeat(heat);
+  }
+
+  function drawHeat(heat) {
+    const cells = heat.heat.flat().map((value) => node("span", { class: "heat-cell", style: `--heat: ${Number(value).toFixed(3)}` }));
+    el.heatOverlay.style.setProperty("--grid", String(heat.grid));
+    el.heatOverlay.dataset.heat = JSON.stringify(heat.heat);
+    el.heatOverlay.replaceChildren(...cells);
+    el.heatOverlay.hidden = false;
+    placeHeatOverlay();
+    el.heatStatus.textContent = "The clear areas match the query best; dimmed areas match less.";
+  }
+
+  /** The overlay covers the photo as drawn (object-fit: contain), not the whole frame. */
+  function placeHeatOverlay() {
+    const image = el.previewImage;
+    if (el.heatOverlay.hidden || !image.naturalWidth) return;
+    const frameWidth = image.clientWidth;
+    const frameHeight = image.clientHeight;
+    const scale = Math.min(frameWidth / image.naturalWidth, frameHeight / image.naturalHeight);
+    const width = image.naturalWidth * scale;
+    const height = image.naturalHeight * scale;
+    Object.assign(el.heatOverlay.style, {
+      left: `${(frameWidth - width) / 2}px`,
+      top: `${(frameHeight - height) / 2}px`,
+      width: `${width}px`,
+      height: `${height}px`,
+    });
+  }
+
+  function toggleDetails() {
+    const open = el.detailsToggle.getAttribute("aria-expanded") !== "true";
+    el.detailsToggle.setAttribute("aria-expanded", String(open));
+    el.previewDetails.hidden = !open;
+  }
+
   function openPreview(index) {
     const hit = view.results[index];
     if (!hit) return;
@@ -975,11 +1288,15 @@
     el.preview.dataset.id = hit.id;
     el.previewTitle.textContent = fileName(hit);
     el.previewImage.alt = altText(hit);
-    el.previewPosition.textContent = `Rank ${hit.rank ?? index + 1} · result ${index + 1} of ${view.results.length} on this page`;
+    el.previewPosition.textContent = `Result ${index + 1} of ${view.results.length} on this page`;
     const description = (hit.metadata || {}).description;
     el.previewDescription.textContent = description || "";
     el.previewDescription.hidden = !description;
     el.previewFacts.replaceChildren(...factsOf(hit));
+    el.engineFacts.replaceChildren(...engineFactsOf(hit));
+    delete el.preview.dataset.shown;
+    hideHeat();
+    renderDuplicates(hit);
     const why = whyPanel(hit);
     el.previewWhy.replaceChildren(...why);
     el.previewWhy.hidden = !why.length;
@@ -1007,6 +1324,8 @@
 
   function onPreviewClosed() {
     const card = el.grid.querySelector(`.card[data-id="${CSS.escape(el.preview.dataset.id || "")}"] .card-button`);
+    if (card) makeGridFocusable(cardButtons().indexOf(card));
+    hideHeat();
     view.current = -1;
     releaseFullImage();
     el.previewImage.removeAttribute("src");
@@ -1121,8 +1440,32 @@
     }
   }
 
+  function toggleFilters() {
+    const open = el.filtersButton.getAttribute("aria-expanded") !== "true";
+    el.filtersButton.setAttribute("aria-expanded", String(open));
+    el.controls.classList.toggle("open", open);
+  }
+
+  /** The sticky header's height, for scroll-padding and scroll-margin in style.css. */
+  function trackHeaderHeight() {
+    const update = () => document.documentElement.style.setProperty("--header-height", `${el.topbar.offsetHeight}px`);
+    update();
+    if ("ResizeObserver" in window) new ResizeObserver(update).observe(el.topbar);
+  }
+
   function bind() {
     el.form.addEventListener("submit", submitSearch);
+    el.imageButton.addEventListener("click", () => el.fileInput.click());
+    el.filtersButton.addEventListener("click", toggleFilters);
+    el.grid.addEventListener("keydown", onGridKey);
+    el.grid.addEventListener("focusin", (event) => {
+      const index = cardButtons().indexOf(event.target);
+      if (index >= 0) makeGridFocusable(index);
+    });
+    el.heatToggle.addEventListener("click", toggleHeat);
+    el.detailsToggle.addEventListener("click", toggleDetails);
+    el.previewImage.addEventListener("load", placeHeatOverlay);
+    window.addEventListener("resize", placeHeatOverlay);
     el.fileInput.addEventListener("change", () => {
       searchWithFile(el.fileInput.files[0]);
       el.fileInput.value = "";
@@ -1170,6 +1513,7 @@
     adoptLegacyToken();
     takeTokenFromLink();
     bind();
+    trackHeaderHeight();
     readStateFromUrl();
     stateToControls();
     checkApi();

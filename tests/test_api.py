@@ -204,6 +204,9 @@ def test_text_search_returns_ranked_thumbnails(server, photos, openapi):
     assert_matches_schema(openapi, "SearchResponse", found)
     assert found["query"] == "a dog playing in the park" and found["mode"] == "vector"
     assert found["total_results"] == len(found["results"]) == 5 and found["has_more"] is True
+    assert found["total"] == PHOTOS and found["total_exact"] is False  # estimated: not all ranked
+    everything = search(server.url, query="a dog", top_k=10, include_images="none")
+    assert everything["total"] == PHOTOS and everything["total_exact"] is True
     assert [hit["rank"] for hit in found["results"]] == [1, 2, 3, 4, 5]
     scores = [hit["score"] for hit in found["results"]]
     assert scores == sorted(scores, reverse=True)
@@ -367,6 +370,7 @@ def test_openapi_document_describes_every_endpoint(openapi):
     assert set(openapi["paths"]) == {
         "/",
         "/search",
+        "/explain",
         "/thumbnails/{image_id}",
         "/images/{image_id}",
         "/index",

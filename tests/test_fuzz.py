@@ -33,6 +33,7 @@ EXAMPLES_PER_MODE = 500
 ENDPOINTS = {
     "GET /",
     "POST /search",
+    "POST /explain",
     "GET /thumbnails/{image_id}",
     "GET /images/{image_id}",
     "GET /index",

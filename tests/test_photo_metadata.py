@@ -392,3 +392,19 @@ def test_repl_sort_command_and_cli_flag(photo_library, settings_for, capsys):
         session.handle("a photo")
         table = capsys.readouterr().out.splitlines()
     assert [line.split()[-1] for line in table[1:4]] == ["trip/e.avif", "trip/c.jpg", "trip/a.jpg"]
+
+
+def test_embed_images_refreshes_an_old_index_and_says_how_many(photo_library, settings_for):
+    from test_indexing import run_embed
+
+    settings = settings_for(photo_library)
+    with ImageRetrieval(settings) as engine:
+        engine.index_folder()
+        ids = [image_id for image_id, _ in engine.catalog.items()]
+        stale = {key: None for key in ("photo_metadata", *indexer.PHOTO_FIELDS)}
+        engine.collection.update(ids=ids, metadatas=[stale] * len(ids))
+    done = run_embed(settings)
+    assert done.returncode == 0, done.stderr
+    assert "unchanged 8, failed 0; photo metadata refreshed 8 (not re-encoded); encoded 0 in" in done.stdout
+    with ImageRetrieval(settings) as reopened:
+        assert by_name(reopened)["e.avif"]["country"] == "Australia"

@@ -44,7 +44,7 @@ def server(tmp_path_factory, tiny_checkpoint) -> Iterator[ApiServer]:
 
 
 def names_on_page(page) -> list[str]:
-    return page.locator("#grid .card .card-name").all_inner_texts()
+    return page.locator("#grid .card").evaluate_all("cards => cards.map(card => card.dataset.name)")
 
 
 def test_order_by_date_taken_and_date_range(page, server):

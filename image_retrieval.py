@@ -14,12 +14,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from catalog import Catalog
-from clip_encoder import ClipEncoder
 from config import Settings, load_settings
 from explain import DEFAULT_GRID, MAX_GRID, MIN_GRID, Explanation, heat_map
 from filters import Filter, FilterLimits, check_fields, parse_filter
@@ -35,6 +34,9 @@ from store import (
     open_client,
     translated_errors,
 )
+
+if TYPE_CHECKING:
+    from clip_encoder import ClipEncoder
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ class ImageRetrieval:
             self._db_lock = DatabaseLock(db_path, role)
             self._db_lock.acquire()
         try:
-            self.encoder = encoder or ClipEncoder.from_settings(self.settings)
+            self.encoder = encoder or _load_encoder(self.settings)
             self.client = open_client(self.settings)
             with translated_errors(self.settings):
                 self.collection = self._open_collection(rebuild, create)
@@ -814,6 +816,13 @@ class ImageRetrieval:
         if not path.is_relative_to(self.dataset_root) or not path.is_file():
             raise UnknownImage(image_id)
         return path
+
+
+def _load_encoder(settings: Settings) -> ClipEncoder:
+    """The model, imported only here: importing torch is most of a front end's start-up time."""
+    from clip_encoder import ClipEncoder
+
+    return ClipEncoder.from_settings(settings)
 
 
 def no_words_note(mode: str) -> str:

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from image_io import ImageLoadError, decode_for_model, file_hash, find_images
 from photo_metadata import PHOTO_FIELDS, PHOTO_METADATA_VERSION, photo_fields, read_photo_fields
 from store import batched
@@ -281,6 +279,8 @@ class Indexer:
     def _encode(
         self, items: list[tuple[FileOnDisk, bool]], known: dict[str, tuple[str, dict[str, Any]]]
     ) -> None:
+        import torch  # with the model already loaded, this costs nothing; the module stays light
+
         for batch in self._decoded_batches(items):
             good = [
                 (file, is_update, pixels, facts)

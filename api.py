@@ -66,6 +66,7 @@ log = logging.getLogger("api")
 ROOT = Path(__file__).resolve().parent
 THUMBNAIL_CACHE_BYTES = 64 * 1024 * 1024
 CACHE_SECONDS = 300
+BODY_MARGIN_BYTES = 1024 * 1024
 RATE_WINDOW_SECONDS = 60.0
 PAGE_PATHS = ("/ui",)
 PAGE_PREFIXES = ("/static/",)
@@ -685,6 +686,13 @@ def serve(settings: Settings, engine: ImageRetrieval) -> None:
         host=settings.API_HOST,
         port=settings.API_PORT,
         threads=settings.API_THREADS,
+        # A body declared (or found) well over the upload limit is refused by waitress before it is read
+        # or spooled to disk; one just over it is answered by the app's JSON 413 (guard_request).
+        max_request_body_size=int(settings.MAX_UPLOAD_MB * 1024 * 1024) + BODY_MARGIN_BYTES,
+        # Idle or half-open connections are closed soon, and many of them never stop new ones.
+        connection_limit=settings.API_CONNECTION_LIMIT,
+        channel_timeout=settings.API_IDLE_SECONDS,
+        cleanup_interval=max(1, settings.API_IDLE_SECONDS // 3),
     )
     url = local_url(str(server.effective_host), int(server.effective_port))
     announce_owner(engine, url)

@@ -62,6 +62,9 @@ class Settings:
     API_HOST: str = "127.0.0.1"
     API_PORT: int = 8000
     API_THREADS: int = 8
+    # Open connections the server keeps (idle ones beyond it wait), and seconds before an idle one is closed.
+    API_CONNECTION_LIMIT: int = 1000
+    API_IDLE_SECONDS: int = 15
     # Unset: a random token is made once and kept in CHROMA_DB_PATH/api_token (README, Security).
     API_TOKEN: str = ""
     # Origins whose pages may use the API without the token (none by default; "null" is a page

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from api_server import settings_env
+import requests
+from api_server import ApiServer, settings_env
 from conftest import make_settings
 from PIL import Image, ImageOps
 
@@ -446,3 +449,79 @@ def test_near_duplicate_folding_is_not_quadratic(indexed):
             )
         )
         assert [hit.id for hit in deep.hits] == [hit.id for hit in unfolded.hits]
+
+
+# -- 8 and 11. the server itself: huge bodies, idle connections, the Chroma server's health -------
+
+
+def raw_exchange(port: int, request: bytes, timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        received = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+                if b"\r\n\r\n" in received and len(received) > 200:
+                    break
+        return received
+
+
+def test_huge_bodies_and_idle_connections_do_not_hold_the_server(indexed):
+    settings, _ = indexed
+    settings = settings.with_overrides(MAX_UPLOAD_MB=1.0, API_TOKEN="hostile-t0ken", API_IDLE_SECONDS=3)
+    with ApiServer(settings) as server:
+        for path in ("/search", "/index"):
+            started = time.monotonic()
+            answer = raw_exchange(
+                server.port,
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {1024**3}\r\n\r\n".encode(),
+            )
+            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+            assert time.monotonic() - started < 5
+        idle = []
+        try:
+            for number in range(150):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                if number % 2:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a request, then nothing
+                idle.append(sock)
+            started = time.monotonic()
+            answer = requests.get(f"{server.url}/", timeout=10)
+            assert answer.status_code == 200 and time.monotonic() - started < 5
+            time.sleep(settings.API_IDLE_SECONDS + 3)
+            closed = sum(1 for sock in idle if _closed_by_peer(sock))
+            assert closed == len(idle), closed
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(0.5)
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True
+
+
+# -- 9. file names that are not UTF-8 --------------------------------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(indexed):
+    settings, names = indexed
+    dataset = os.fsencode(settings.DATASET_FOLDER)
+    photo = Path(settings.DATASET_FOLDER, names[0]).read_bytes()
+    with open(os.path.join(dataset, b"caf\xe9 latin-1.jpg"), "wb") as file:
+        file.write(photo[:-10] + b"0123456789")
+    with ImageRetrieval(settings) as engine:
+        summary = engine.index_folder()
+        again = engine.index_folder()
+        assert engine.count() == PHOTOS
+    for run in (summary, again):
+        assert run.failed == 1 and "not valid UTF-8" in run.failures[0][1], run.failures
+        assert run.failures[0][0] == "caf\ufffd latin-1.jpg"
+    cli = run_script("embed_images.py", settings, "--quiet")
+    assert cli.returncode == 0 and "not valid UTF-8" in cli.stderr and "Traceback" not in cli.stderr

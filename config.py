@@ -49,6 +49,8 @@ class Settings:
     MAX_OFFSET: int = 10000
     MAX_QUERY_CHARS: int = 1000
     MAX_QUERY_PARTS: int = 8
+    MAX_FILTER_CHARS: int = 10000
+    MAX_FILTER_VALUES: int = 1000
     DUPLICATE_THRESHOLD: float = 0.97
     ADAPTIVE_CUTOFF_RATIO: float = 0.5
     HYBRID_RRF_K: int = 60

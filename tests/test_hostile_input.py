@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,7 @@ from api_server import settings_env
 from conftest import make_settings
 from PIL import Image, ImageOps
 
-from image_retrieval import ImageRetrieval
+from image_retrieval import ImageRetrieval, QueryPart, SearchQuery
 from indexer import image_id
 from metadata_import import MetadataError, MetadataFileError
 from store import DamagedStore
@@ -292,3 +293,156 @@ def test_uploads_in_rare_formats_and_broken_data_uris_are_refused(api_client):
     for uri in ("data:image/png;base64", "data:", "data:image/png,abc", "data:;base64"):
         response = client.post("/search", json={"image": uri})
         assert response.status_code == 400 and "data URI" in response.get_json()["error"], uri
+
+
+# -- 4, 7 and issue 15: filters -------------------------------------------------------------------
+
+
+def test_filters_are_bounded_checked_and_ignore_case(api_client):
+    client, engine, names = api_client
+
+    def search(filters) -> tuple[int, dict]:
+        response = client.post("/search", json={"query": "a photo", "top_k": 10, "filters": filters})
+        return response.status_code, response.get_json()
+
+    refusals = [
+        ("widht >= 800", "did you mean width?"),
+        ({"widht": {"$gte": 800}}, "did you mean width?"),
+        ("modified > 2024-13-45", "not a valid date"),
+        ({"modified": {"$gt": "2024-02-30"}}, "not a valid date"),
+        ("modified > yesterday", "compares with a date"),
+        ({"tags": {"$in": json.loads("[" * 500 + "]" * 500)}}, "invalid value"),
+        ({"tags": {"$in": [f"t{n}" for n in range(1001)]}}, "MAX_FILTER_VALUES=1000"),
+        ("tags in " + "|".join(f"t{n}" for n in range(1001)), "MAX_FILTER_VALUES=1000"),
+        ("width >= 1 and " * 2000 + "width >= 1", "MAX_FILTER_CHARS=10000"),
+        ("name = " + "x" * 400_000, "MAX_FILTER_CHARS=10000"),
+        ('name = "unclosed', "is not closed"),
+    ]
+    for filters, message in refusals:
+        started = time.monotonic()
+        status, body = search(filters)
+        assert status == 400 and message in body["error"], (str(filters)[:80], body)
+        assert time.monotonic() - started < 5, str(filters)[:80]
+    assert "The indexed images have: " in search("widht >= 800")[1]["error"]
+    stored_format = engine.catalog.metadata(image_id(names[0]))["format"]
+    assert stored_format == "JPEG"
+    for spelling in ("format = jpeg", "format = Jpeg", "format in png|jpeg", {"format": {"$in": ["jpeg"]}}):
+        status, body = search(spelling)
+        assert status == 200 and len(body["results"]) == PHOTOS, spelling
+    assert search("format != jpeg")[1]["results"] == []
+    many = {"format": {"$in": [f"v{n}" for n in range(999)] + ["JPEG"]}}
+    assert len(search(many)[1]["results"]) == PHOTOS
+
+
+# -- 7. searches while indexing moves and deletes images ------------------------------------------
+
+
+def test_searches_while_images_move_and_vanish(indexed):
+    settings, _ = indexed
+    with ImageRetrieval(settings) as engine:
+        rng = np.random.default_rng(0)
+        dim = engine.encoder.dim
+        vectors = rng.standard_normal((200, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids = [f"synthetic-{n}" for n in range(200)]
+        metadata = [
+            {"path": f"s/{n}.jpg", "name": f"{n}.jpg", "tags": ["dog"], "width": n} for n in range(200)
+        ]
+        engine.write(ids, vectors, metadata)
+        engine.catalog.keywords.wait_until_built() if hasattr(
+            engine.catalog.keywords, "wait_until_built"
+        ) else None
+        stop = threading.Event()
+        errors: list[str] = []
+
+        def churn() -> None:
+            generation = 0
+            while not stop.is_set():
+                generation += 1
+                moved = [f"{image}-{generation}" for image in ids[:100]]
+                engine.write(moved, vectors[:100], metadata[:100])  # a move: the copy first, then the delete
+                engine.delete(ids[:100])
+                ids[:100] = moved
+
+        queries = [
+            {"mode": "vector"},
+            {"mode": "keyword"},
+            {"mode": "hybrid"},
+            {"mode": "vector", "filters": "tags contains dog"},
+            {"mode": "vector", "cutoff": "adaptive"},
+        ]
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)
+        churner = threading.Thread(target=churn)
+        churner.start()
+        searches = 0
+        try:
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                options = queries[searches % len(queries)]
+                try:
+                    engine.search_text("dog", top_k=50, **options)
+                except Exception as error:  # the point: nothing may escape
+                    errors.append(f"{options}: {type(error).__name__}: {error}")
+                searches += 1
+        finally:
+            stop.set()
+            churner.join()
+            sys.setswitchinterval(switch)
+        assert not errors, (len(errors), searches, errors[:3])
+        assert searches >= 5, searches
+
+
+# -- 3. near-duplicate folding without comparing all pairs ----------------------------------------
+
+FOLD_SIZE = 8000
+
+
+def mirror_only_images(engine: ImageRetrieval, vectors: np.ndarray, tag: str) -> list[str]:
+    """Images in the engine's in-memory mirror only (enough for filtered, exact searches)."""
+    ids = [f"{tag}-{n}" for n in range(len(vectors))]
+    metadatas = [{"path": f"{tag}/{n}.jpg", "name": f"{n}.jpg", "tags": [tag]} for n in range(len(vectors))]
+    engine.catalog.put(ids, vectors, metadatas, keywords=False)
+    return ids
+
+
+def folding_peak_bytes(engine: ImageRetrieval, query: np.ndarray, **options) -> tuple[int, object]:
+    tracemalloc.start()
+    try:
+        result = engine.search(SearchQuery([QueryPart(vector=query)], **options))
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_near_duplicate_folding_is_not_quadratic(indexed):
+    settings, _ = indexed
+    rng = np.random.default_rng(0)
+    with ImageRetrieval(settings) as engine:
+        dim = engine.encoder.dim
+        centre = rng.standard_normal(dim).astype(np.float32)
+        twins = centre + rng.standard_normal((FOLD_SIZE, dim)).astype(np.float32) * 1e-4
+        twins /= np.linalg.norm(twins, axis=1, keepdims=True)
+        mirror_only_images(engine, twins, "twin")
+        distinct = rng.standard_normal((FOLD_SIZE, dim)).astype(np.float32)
+        distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+        mirror_only_images(engine, distinct, "distinct")
+        # All pairs of FOLD_SIZE candidates would take FOLD_SIZE^2 x 5 bytes = 320 MB.
+        all_pairs = FOLD_SIZE**2 * 5
+        peak, result = folding_peak_bytes(engine, centre, top_k=20, filters="tags contains twin")
+        assert len(result.hits) == 1 and len(result.hits[0].duplicates) == FOLD_SIZE - 1
+        assert not result.has_more and peak < all_pairs / 10, peak
+        peak, deep = folding_peak_bytes(
+            engine, centre, top_k=200, offset=2000, filters="tags contains distinct"
+        )
+        assert len(deep.hits) == 200 and deep.has_more and peak < all_pairs / 10, peak
+        unfolded = engine.search(
+            SearchQuery(
+                [QueryPart(vector=centre)],
+                top_k=200,
+                offset=2000,
+                filters="tags contains distinct",
+                collapse_duplicates=False,
+            )
+        )
+        assert [hit.id for hit in deep.hits] == [hit.id for hit in unfolded.hits]

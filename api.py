@@ -261,7 +261,7 @@ class Api:
         return f"private, max-age={CACHE_SECONDS}"
 
     def health(self) -> dict[str, Any]:
-        self.engine.refresh_if_stale()
+        self.engine.check_store()
         encoder = self.engine.encoder
         return {
             "status": "ok",

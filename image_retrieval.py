@@ -294,6 +294,13 @@ class ImageRetrieval:
         log.info("collection %s: %d images", self.settings.COLLECTION_NAME, len(catalog))
         return catalog
 
+    def check_store(self) -> None:
+        """Raise `StoreUnavailable` when the Chroma server does not answer now; refresh the mirror."""
+        if self.settings.server_mode:
+            with translated_errors(self.settings):
+                self.client.heartbeat()
+        self.refresh_if_stale()
+
     def refresh_if_stale(self, force: bool = False) -> None:
         """Reload the mirror when another process wrote to the collection (server mode)."""
         if not self.settings.server_mode:

@@ -194,6 +194,8 @@ def test_chroma_server_outage_is_503_then_heals(tmp_path, tiny_checkpoint, coco_
             assert down.status_code == 503, down.text
             assert "Chroma server" in down.json()["error"] and down.headers["Retry-After"]
             assert settings.CHROMA_DB_PATH not in down.text
+        health = requests.get(f"{server.url}/", timeout=30)  # issue 19: not "ok" while Chroma is down
+        assert health.status_code == 503 and "Chroma server" in health.json()["error"], health.text
         offline_embed = run_script("embed_images.py", settings, "--quiet", timeout=120)
         assert_clear_failure(offline_embed, "Chroma server")
         chroma_server.start()

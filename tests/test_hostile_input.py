@@ -511,7 +511,7 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 
 def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(indexed):
-    settings, names = indexed
+    settings, _ = indexed
     dataset = os.fsencode(settings.DATASET_FOLDER)
     with open(os.path.join(dataset, b"caf\xe9 latin-1.jpg"), "wb") as file:
         file.write(other_format("JPEG"))

@@ -66,6 +66,7 @@ log = logging.getLogger("api")
 ROOT = Path(__file__).resolve().parent
 THUMBNAIL_CACHE_BYTES = 64 * 1024 * 1024
 CACHE_SECONDS = 300
+BODY_MARGIN_BYTES = 1024 * 1024
 RATE_WINDOW_SECONDS = 60.0
 PAGE_PATHS = ("/ui",)
 PAGE_PREFIXES = ("/static/",)
@@ -367,11 +368,42 @@ def create_app(settings: Settings | None = None, engine: ImageRetrieval | None =
     app.config.update(MAX_CONTENT_LENGTH=max_bytes, MAX_FORM_MEMORY_SIZE=max_bytes)
     app.json.sort_keys = False
     app.extensions["image_search_api"] = Api(settings, engine)
+    _log_requests(app)
     app.before_request(guard_request)
     app.after_request(add_response_headers)
     _register_error_handlers(app)
     _register_routes(app)
     return app
+
+
+def _log_requests(app: Flask) -> None:
+    """One INFO line per request: method, path, status, milliseconds, client (no query, body or token)."""
+
+    def start_clock() -> None:
+        request.environ["api.started"] = time.perf_counter()
+
+    def log_request(response: Response) -> Response:
+        started = request.environ.get("api.started", time.perf_counter())
+        log.info(
+            "%s %s %d %.1f ms %s",
+            request.method,
+            _printable(request.path),
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+            request.remote_addr or "-",
+        )
+        return response
+
+    app.before_request(start_clock)
+    app.after_request(log_request)
+
+
+CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(32), 127]}
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters escaped, so that a request cannot forge log lines."""
+    return text.translate(CONTROL_CHARACTERS)
 
 
 def guard_request() -> Response | None:
@@ -654,6 +686,13 @@ def serve(settings: Settings, engine: ImageRetrieval) -> None:
         host=settings.API_HOST,
         port=settings.API_PORT,
         threads=settings.API_THREADS,
+        # A body declared (or found) well over the upload limit is refused by waitress before it is read
+        # or spooled to disk; one just over it is answered by the app's JSON 413 (guard_request).
+        max_request_body_size=int(settings.MAX_UPLOAD_MB * 1024 * 1024) + BODY_MARGIN_BYTES,
+        # Idle or half-open connections are closed soon, and many of them never stop new ones.
+        connection_limit=settings.API_CONNECTION_LIMIT,
+        channel_timeout=settings.API_IDLE_SECONDS,
+        cleanup_interval=max(1, settings.API_IDLE_SECONDS // 3),
     )
     url = local_url(str(server.effective_host), int(server.effective_port))
     announce_owner(engine, url)
@@ -691,13 +730,13 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from clip_encoder import ModelLoadError
-
     try:
         settings = settings_from(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from clip_encoder import ModelLoadError
+
     logging.basicConfig(level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_loopback(settings.API_HOST) and not settings.API_TOKEN:
         log.warning("binding to %s without API_TOKEN: anyone who can reach it can search", settings.API_HOST)

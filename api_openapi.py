@@ -21,8 +21,15 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "paths": _openapi_paths(),
         "components": {"schemas": _openapi_schemas(settings), "responses": _openapi_error_responses()},
     }
+    document["components"]["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "API_TOKEN, or the token the server made (CHROMA_DB_PATH/api_token); needed "
+            "by every client when API_TOKEN is set, else by web pages of other origins (README, Security)",
+        }
+    }
     if settings.API_TOKEN:
-        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
     return document
 
@@ -36,7 +43,7 @@ def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    return {str(code): {"$ref": f"#/components/responses/Error{code}"} for code in (*codes, 429, 500)}
+    return {str(code): {"$ref": f"#/components/responses/Error{code}"} for code in (*codes, 403, 429, 500)}
 
 
 def _cached_file_responses(description: str, media_type: str) -> dict[str, Any]:
@@ -59,7 +66,7 @@ def _openapi_paths() -> dict[str, Any]:
     return {
         "/": {
             "get": {
-                "summary": "Health and facts about the index (never needs a token)",
+                "summary": "Health and facts about the index (a token only from web pages of other origins)",
                 "security": [],
                 "responses": {
                     "200": {"description": "ready", "content": _json_content(_ref("Health"))},
@@ -420,6 +427,7 @@ def _openapi_error_responses() -> dict[str, Any]:
     meanings = {
         400: "invalid request (bad JSON, wrong types, bad filter, bad image, query too long)",
         401: "missing or wrong token",
+        403: "the Host header is not a name of this server (ALLOWED_HOSTS)",
         404: "unknown id or route",
         413: "request larger than MAX_UPLOAD_MB",
         429: "rate limit (RATE_LIMIT_PER_MINUTE) exceeded",

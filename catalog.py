@@ -8,7 +8,7 @@ vectors by id (more like this, duplicate collapse) and keyword search.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,6 +35,7 @@ class Catalog:
         self._free: list[int] = []
         self._version = 0
         self._masks: OrderedDict[str, tuple[int, np.ndarray]] = OrderedDict()
+        self._field_counts: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -55,7 +56,7 @@ class Catalog:
                     self._ids[row] = image_id
                     self._alive[row] = True
                 self._vectors[row] = vector
-                self._metas[row] = dict(metadata)
+                self._set_metadata(row, metadata)
             self._version += 1
         if keywords:
             self.keywords.put(list(zip(ids, metadatas, strict=True)))
@@ -63,7 +64,7 @@ class Catalog:
     def update_metadata(self, ids: list[str], metadatas: list[dict[str, Any]]) -> None:
         with self._lock:
             for image_id, metadata in zip(ids, metadatas, strict=True):
-                self._metas[self._rows[image_id]] = dict(metadata)
+                self._set_metadata(self._rows[image_id], metadata)
             self._version += 1
         self.keywords.put(list(zip(ids, metadatas, strict=True)))
 
@@ -74,10 +75,21 @@ class Catalog:
                 row = self._rows.pop(image_id)
                 self._alive[row] = False
                 self._ids[row] = None
+                self._field_counts.subtract((self._metas[row] or {}).keys())
                 self._metas[row] = None
                 self._free.append(row)
             self._version += 1
         self.keywords.remove(ids)
+
+    def _set_metadata(self, row: int, metadata: dict[str, Any]) -> None:
+        self._field_counts.subtract((self._metas[row] or {}).keys())
+        self._metas[row] = dict(metadata)
+        self._field_counts.update(metadata.keys())
+
+    def field_names(self) -> frozenset[str]:
+        """The metadata fields that at least one image has."""
+        with self._lock:
+            return frozenset(name for name, count in self._field_counts.items() if count > 0)
 
     def _reserve(self, extra: int) -> None:
         missing = extra - len(self._free)
@@ -104,14 +116,21 @@ class Catalog:
             row = self._rows.get(image_id)
             return None if row is None else self._vectors[row].copy()
 
-    def vectors(self, ids: list[str]) -> np.ndarray:
+    def vectors(self, ids: list[str], missing_ok: bool = False) -> np.ndarray:
+        """The vectors of the images; with `missing_ok`, a zero vector for an id removed meanwhile."""
         with self._lock:
-            return self._vectors[[self._rows[image_id] for image_id in ids]].copy()
+            if not missing_ok:
+                return self._vectors[[self._rows[image_id] for image_id in ids]].copy()
+            rows = [self._rows.get(image_id, -1) for image_id in ids]
+            vectors = self._vectors[rows] if rows else np.zeros((0, self.dim), dtype=np.float32)
+            vectors[[i for i, row in enumerate(rows) if row < 0]] = 0.0
+            return vectors
 
     def values(self, ids: list[str], key: str) -> list[Any]:
-        """The metadata field `key` of each image (None where absent)."""
+        """The metadata field `key` of each image (None where absent or removed meanwhile)."""
         with self._lock:
-            return [self._metas[self._rows[image_id]].get(key) for image_id in ids]
+            rows = [self._rows.get(image_id) for image_id in ids]
+            return [None if row is None else self._metas[row].get(key) for row in rows]
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         with self._lock:
@@ -160,4 +179,5 @@ class Catalog:
         return [(ids[i], float(scores[i])) for i in best]
 
     def scores(self, ids: list[str], query: np.ndarray) -> np.ndarray:
-        return self.vectors(ids) @ query if ids else np.zeros(0, dtype=np.float32)
+        """Cosine of each image with `query`; 0 for an id removed meanwhile (a search racing a delete)."""
+        return self.vectors(ids, missing_ok=True) @ query if ids else np.zeros(0, dtype=np.float32)

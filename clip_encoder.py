@@ -20,6 +20,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the clip package imports the deprecated pkg_resources
     import clip
 
+# clip.load tries torch.jit.load on every checkpoint before torch.load, and torch marks torch.jit.load
+# deprecated: a note about clip's code, printed at every start, that no user can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+
 if TYPE_CHECKING:
     from config import Settings
 

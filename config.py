@@ -49,6 +49,8 @@ class Settings:
     MAX_OFFSET: int = 10000
     MAX_QUERY_CHARS: int = 1000
     MAX_QUERY_PARTS: int = 8
+    MAX_FILTER_CHARS: int = 10000
+    MAX_FILTER_VALUES: int = 1000
     DUPLICATE_THRESHOLD: float = 0.97
     ADAPTIVE_CUTOFF_RATIO: float = 0.5
     HYBRID_RRF_K: int = 60
@@ -60,6 +62,9 @@ class Settings:
     API_HOST: str = "127.0.0.1"
     API_PORT: int = 8000
     API_THREADS: int = 8
+    # Open connections the server keeps (idle ones beyond it wait), and seconds before an idle one is closed.
+    API_CONNECTION_LIMIT: int = 1000
+    API_IDLE_SECONDS: int = 15
     # Unset: a random token is made once and kept in CHROMA_DB_PATH/api_token (README, Security).
     API_TOKEN: str = ""
     # Origins whose pages may use the API without the token (none by default; "null" is a page

@@ -16,6 +16,7 @@ from typing import Any
 
 import requests
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import Settings, add_index_arguments, index_overrides, load_settings
 
@@ -124,19 +125,20 @@ def _error_text(response: requests.Response) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from clip_encoder import ModelLoadError
-    from image_retrieval import IndexingRefused, StoreError
-    from metadata_import import MetadataError
-    from store import DatabaseBusy
-
     try:
         settings = settings_from(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from clip_encoder import ModelLoadError
+    from image_retrieval import IndexingRefused, StoreError
+    from metadata_import import MetadataError
+    from store import DatabaseBusy
+
     logging.basicConfig(level=settings.LOG_LEVEL, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return index_locally(settings, args)
+        with logging_redirect_tqdm():  # log lines ("skipped ...") go above the progress bar, not into it
+            return index_locally(settings, args)
     except DatabaseBusy as busy:
         if busy.owner.get("role") == "api" and busy.owner.get("url"):
             try:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from clip_encoder import ClipEncoder
+if TYPE_CHECKING:
+    from clip_encoder import ClipEncoder
 
 DEFAULT_GRID = 6
 MIN_GRID = 2
@@ -78,6 +79,8 @@ def heat_map(
     encoder: ClipEncoder, image: Image.Image, vector: np.ndarray, grid: int = DEFAULT_GRID
 ) -> Explanation:
     """The heat map of `vector` (normalised, the model's dimension) over `image` (RGB)."""
+    import torch  # loaded with the model already; importing this module stays light (api.py --help)
+
     started = time.perf_counter()
     side = encoder.input_resolution
     placed = windows(grid)

@@ -14,15 +14,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from catalog import Catalog
-from clip_encoder import ClipEncoder
 from config import Settings, load_settings
 from explain import DEFAULT_GRID, MAX_GRID, MIN_GRID, Explanation, heat_map
-from filters import Filter, parse_filter
+from filters import Filter, FilterLimits, check_fields, parse_filter
 from image_io import ImageLoadError, decode_for_model, open_inside
 from indexer import SYSTEM_FIELDS, Indexer, IndexingRefused, IndexSummary, ProgressCallback
 from metadata_import import ImportSummary, MetadataLimits, merge_records, normalised_records
@@ -36,6 +35,9 @@ from store import (
     translated_errors,
 )
 
+if TYPE_CHECKING:
+    from clip_encoder import ClipEncoder
+
 log = logging.getLogger(__name__)
 
 MODES = ("vector", "keyword", "hybrid")
@@ -43,6 +45,12 @@ MODES = ("vector", "keyword", "hybrid")
 # first, images without a date last.
 SORTS = ("relevance", "taken", "-taken")
 MIN_CANDIDATES = 100
+# Candidates compared at once by near-duplicate folding; up to FULL_FOLD_MAX candidates are all folded
+# (for an exact total), more only until the page is full.
+COLLAPSE_BLOCK = 256
+FULL_FOLD_MAX = 5000
+# Fields a filter may always name, even before any image has them.
+FILTER_FIELDS = frozenset({"tags", "description"})
 STALE_CHECK_SECONDS = 1.0
 
 
@@ -187,7 +195,7 @@ class ImageRetrieval:
             self._db_lock = DatabaseLock(db_path, role)
             self._db_lock.acquire()
         try:
-            self.encoder = encoder or ClipEncoder.from_settings(self.settings)
+            self.encoder = encoder or _load_encoder(self.settings)
             self.client = open_client(self.settings)
             with translated_errors(self.settings):
                 self.collection = self._open_collection(rebuild, create)
@@ -411,7 +419,7 @@ class ImageRetrieval:
     def search(self, query: SearchQuery) -> SearchResult:
         top_k = self._validate(query)
         self.refresh_if_stale()
-        image_filter = _parse_filter(query.filters)
+        image_filter = self._filter(query.filters)
         exclude = frozenset(part.id for part in query.parts if part.id is not None)
         keyword_text = " ".join(part.text for part in query.parts if part.text and part.weight > 0)
         note = None
@@ -426,7 +434,7 @@ class ImageRetrieval:
         else:
             ranked = self._ranked_by_date(query, vector, keyword_text, mask, exclude, need)
             exhausted = not query.collapse_duplicates  # else only the first pages are collapsed
-        page = ranked[query.offset : need]
+        page = [candidate for candidate in ranked[query.offset : need] if candidate.id in self.catalog]
         hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
         filtered_total = int(mask.sum()) if mask is not None else None
         total, exact = self._total(query, ranked, exhausted, filtered_total, exclude)
@@ -445,9 +453,10 @@ class ImageRetrieval:
         fetch = max(self._candidate_pool(query), 3 * need)
         while True:
             candidates, exhausted = self._candidates(query.mode, vector, keyword_text, mask, exclude, fetch)
-            ranked = self._refine(candidates, query, vector)
+            fold_all = exhausted and len(candidates) <= FULL_FOLD_MAX  # then the total is exact
+            ranked = self._refine(candidates, query, vector, need=None if fold_all else need)
             if len(ranked) > need or exhausted:
-                return ranked, exhausted
+                return ranked, exhausted and (fold_all or not query.collapse_duplicates)
             fetch *= 4
 
     def _ranked_by_date(
@@ -469,7 +478,7 @@ class ImageRetrieval:
             key=lambda i: (0, sign * taken[i]) if isinstance(taken[i], (int, float)) else (1, 0.0),
         )
         ordered = [matching[i] for i in order]
-        return self._collapse_prefix(ordered, need) if query.collapse_duplicates else ordered
+        return self._collapse(ordered, need, query.offset) if query.collapse_duplicates else ordered
 
     def _all_candidates(
         self,
@@ -489,6 +498,19 @@ class ImageRetrieval:
             _Candidate(image_id, score, vector_rank=rank) for rank, (image_id, score) in enumerate(scored, 1)
         ]
         return ranked if mode == "vector" else _fuse(ranked, keyword, self.settings.HYBRID_RRF_K)
+
+    def _filter(self, spec: Any) -> Filter | None:
+        """The parsed filter, checked against the fields the indexed images have."""
+        from filters import FilterError
+
+        limits = FilterLimits(self.settings.MAX_FILTER_CHARS, self.settings.MAX_FILTER_VALUES)
+        try:
+            image_filter = parse_filter(spec, limits)
+            if image_filter is not None and self.count() > 0:
+                check_fields(image_filter, self.catalog.field_names() | SYSTEM_FIELDS | FILTER_FIELDS)
+        except FilterError as error:
+            raise QueryError(str(error)) from None
+        return image_filter
 
     def _total(
         self,
@@ -671,7 +693,12 @@ class ImageRetrieval:
         ]
 
     def _refine(
-        self, candidates: list[_Candidate], query: SearchQuery, vector: np.ndarray, collapse: bool = True
+        self,
+        candidates: list[_Candidate],
+        query: SearchQuery,
+        vector: np.ndarray,
+        collapse: bool = True,
+        need: int | None = None,
     ) -> list[_Candidate]:
         """Relevance cuts and near-duplicate collapse, applied in rank order (so pages stay stable)."""
         if query.min_score is not None:
@@ -680,37 +707,54 @@ class ImageRetrieval:
             threshold = adaptive_threshold([candidate.score for candidate in candidates], self.settings)
             candidates = [candidate for candidate in candidates if candidate.score >= threshold]
         if collapse and query.collapse_duplicates and len(candidates) > 1:
-            candidates = self._collapse(candidates)
+            candidates = self._collapse(candidates, need, query.offset)
         return candidates
 
-    def _collapse_prefix(self, candidates: list[_Candidate], need: int) -> list[_Candidate]:
-        """Near-duplicates collapsed in as long a head of the list as gives `need` + 1 kept hits.
+    def _collapse(
+        self, candidates: list[_Candidate], need: int | None = None, offset: int = 0
+    ) -> list[_Candidate]:
+        """Near-duplicates folded into the best of them, in rank order (so pages stay stable).
 
-        Whether a hit is kept depends only on the hits before it, so the head is collapsed exactly as the
-        whole list would be, without comparing every pair of a large matching set.
+        A candidate is kept unless it lies within DUPLICATE_THRESHOLD of a hit kept before it. Candidates
+        are compared block by block with the kept hits only, never all pairs: memory is O(block x kept).
+        Once `need` + 1 hits are kept (enough for the page and `has_more`), the remaining candidates are
+        only matched with the page's hits (from `offset`), to list them as those hits' duplicates.
         """
-        size = need + MIN_CANDIDATES
-        while True:
-            head = self._collapse(candidates[:size]) if size > 1 else candidates[:size]
-            if len(head) > need or size >= len(candidates):
-                return head + candidates[size:]
-            size *= 4
-
-    def _collapse(self, candidates: list[_Candidate]) -> list[_Candidate]:
-        vectors = self.catalog.vectors([candidate.id for candidate in candidates])
-        twins = np.triu(vectors @ vectors.T >= self.settings.DUPLICATE_THRESHOLD, k=1)
         for candidate in candidates:
             candidate.duplicates = []
-        if not twins.any():
-            return candidates
-        kept: list[int] = []
-        for i, candidate in enumerate(candidates):
-            twin = next((k for k in kept if twins[k, i]), None)
-            if twin is None:
-                kept.append(i)
-            else:
-                candidates[twin].duplicates.append(candidate.id)
-        return [candidates[i] for i in kept]
+        limit = len(candidates) if need is None else need + 1
+        vectors = self.catalog.vectors([candidate.id for candidate in candidates], missing_ok=True)
+        kept = _KeptHits(vectors.shape[1], min(limit, len(candidates)), self.settings.DUPLICATE_THRESHOLD)
+        position = 0
+        while position < len(candidates) and len(kept) < limit:
+            block = vectors[position : position + COLLAPSE_BLOCK]
+            for index, twin in kept.fold(block, limit - len(kept)):
+                if twin is None:
+                    kept.rows.append(position + index)
+                else:
+                    candidates[kept.rows[twin]].duplicates.append(candidates[position + index].id)
+            position += min(len(block), kept.scanned)
+        page = kept.rows[offset : limit - 1] if need is not None else []
+        self._attach_duplicates(
+            candidates[position:], vectors[position:], [candidates[i] for i in page], vectors[page]
+        )
+        return [candidates[i] for i in kept.rows]
+
+    def _attach_duplicates(
+        self,
+        rest: list[_Candidate],
+        rest_vectors: np.ndarray,
+        page: list[_Candidate],
+        page_vectors: np.ndarray,
+    ) -> None:
+        """List each remaining candidate under the first page hit it nearly duplicates."""
+        if not rest or not page:
+            return
+        threshold = self.settings.DUPLICATE_THRESHOLD
+        for start in range(0, len(rest), COLLAPSE_BLOCK):
+            twins = rest_vectors[start : start + COLLAPSE_BLOCK] @ page_vectors.T >= threshold
+            for index in np.flatnonzero(twins.any(axis=1)):
+                page[int(np.argmax(twins[index]))].duplicates.append(rest[start + index].id)
 
     def _hit(self, candidate: _Candidate, rank: int) -> Hit:
         metadata = self.catalog.metadata(candidate.id) or {}
@@ -774,9 +818,55 @@ class ImageRetrieval:
         return path
 
 
+def _load_encoder(settings: Settings) -> ClipEncoder:
+    """The model, imported only here: importing torch is most of a front end's start-up time."""
+    from clip_encoder import ClipEncoder
+
+    return ClipEncoder.from_settings(settings)
+
+
 def no_words_note(mode: str) -> str:
     """Why a query without (positive) text was ranked by vector although `mode` was asked for."""
     return f"no text in the query, so it is ranked by vector similarity ({mode} ranking needs words)"
+
+
+class _KeptHits:
+    """The hits kept so far by duplicate folding: their candidate positions and vectors."""
+
+    def __init__(self, dim: int, capacity: int, threshold: float) -> None:
+        self.rows: list[int] = []
+        self.threshold = threshold
+        self.scanned = 0
+        self._vectors = np.zeros((capacity, dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fold(self, block: np.ndarray, room: int) -> list[tuple[int, int | None]]:
+        """For each vector of the block in order: (its index, the kept hit it duplicates or None).
+
+        Stops after `room` new hits are kept; `scanned` says how many of the block were looked at.
+        """
+        before = len(self.rows)
+        against_kept = block @ self._vectors[:before].T >= self.threshold
+        within = block @ block.T >= self.threshold
+        new: list[int] = []
+        outcome: list[tuple[int, int | None]] = []
+        for index in range(len(block)):
+            if len(new) >= room:
+                break
+            earlier = np.flatnonzero(against_kept[index])
+            inside = [k for k, local in enumerate(new) if within[index, local]]
+            if earlier.size:
+                outcome.append((index, int(earlier[0])))
+            elif inside:
+                outcome.append((index, before + inside[0]))
+            else:
+                self._vectors[before + len(new)] = block[index]
+                new.append(index)
+                outcome.append((index, None))
+        self.scanned = len(outcome)
+        return outcome
 
 
 def adaptive_threshold(scores: list[float], settings: Settings) -> float:
@@ -804,15 +894,6 @@ def _fuse(vector: list[_Candidate], keyword: list[_Candidate], k: int) -> list[_
             entry.matched_terms = candidate.matched_terms
         entry.fused = (entry.fused or 0.0) + 1.0 / (k + candidate.keyword_rank)
     return sorted(fused.values(), key=lambda candidate: (-candidate.fused, -candidate.score, candidate.id))
-
-
-def _parse_filter(spec: Any) -> Filter | None:
-    from filters import FilterError
-
-    try:
-        return parse_filter(spec)
-    except FilterError as error:
-        raise QueryError(str(error)) from None
 
 
 def _storable(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from image_io import ImageLoadError, decode_for_model, file_hash, find_images
 from photo_metadata import PHOTO_FIELDS, PHOTO_METADATA_VERSION, photo_fields, read_photo_fields
 from store import batched
@@ -177,6 +175,10 @@ class Indexer:
         files: dict[str, FileOnDisk] = {}
         for path in find_images(self.root):
             relative = path.relative_to(self.root).as_posix()
+            if not _is_utf8(relative):
+                readable = relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                self._fail(readable, "the file name is not valid UTF-8: rename the file to index it")
+                continue
             try:
                 if not path.resolve().is_relative_to(self.root):
                     raise ImageLoadError("points outside the dataset folder")
@@ -281,6 +283,8 @@ class Indexer:
     def _encode(
         self, items: list[tuple[FileOnDisk, bool]], known: dict[str, tuple[str, dict[str, Any]]]
     ) -> None:
+        import torch  # with the model already loaded, this costs nothing; the module stays light
+
         for batch in self._decoded_batches(items):
             good = [
                 (file, is_update, pixels, facts)
@@ -354,6 +358,15 @@ class Indexer:
     def _fail(self, relative: str, reason: str) -> None:
         log.warning("skipped %s: %s", relative, reason)
         self.progress.failures.append((relative, reason))
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a name from the file system is valid UTF-8 (undecodable bytes arrive as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _same_stat(metadata: dict[str, Any], file: FileOnDisk) -> bool:

@@ -14,7 +14,6 @@ import argparse
 import logging
 import readline
 import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -506,8 +505,6 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.LOG_LEVEL if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:
-        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes
     try:
         options = options_from(args, settings)
     except CommandError as error:

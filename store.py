@@ -17,12 +17,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import chromadb
-from chromadb.config import Settings as ChromaSettings
+from typing import TYPE_CHECKING, Any
 
 from config import Settings
+
+if TYPE_CHECKING:
+    import chromadb
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ def read_owner(folder: Path) -> dict[str, Any]:
 
 
 def open_client(settings: Settings) -> chromadb.ClientAPI:
+    import chromadb  # only a process that opens the database pays for importing Chroma
+    from chromadb.config import Settings as ChromaSettings
+
     chroma_settings = ChromaSettings(anonymized_telemetry=False, allow_reset=False)
     if settings.server_mode:
         try:

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from api_server import settings_env
+import requests
+from api_server import ApiServer, settings_env
 from conftest import make_settings
 from PIL import Image, ImageOps
 
-from image_retrieval import ImageRetrieval
+from image_retrieval import ImageRetrieval, QueryPart, SearchQuery
 from indexer import image_id
 from metadata_import import MetadataError, MetadataFileError
 from store import DamagedStore
@@ -292,3 +296,231 @@ def test_uploads_in_rare_formats_and_broken_data_uris_are_refused(api_client):
     for uri in ("data:image/png;base64", "data:", "data:image/png,abc", "data:;base64"):
         response = client.post("/search", json={"image": uri})
         assert response.status_code == 400 and "data URI" in response.get_json()["error"], uri
+
+
+# -- 4, 7 and issue 15: filters -------------------------------------------------------------------
+
+
+def test_filters_are_bounded_checked_and_ignore_case(api_client):
+    client, engine, names = api_client
+
+    def search(filters) -> tuple[int, dict]:
+        response = client.post("/search", json={"query": "a photo", "top_k": 10, "filters": filters})
+        return response.status_code, response.get_json()
+
+    refusals = [
+        ("widht >= 800", "did you mean width?"),
+        ({"widht": {"$gte": 800}}, "did you mean width?"),
+        ("modified > 2024-13-45", "not a valid date"),
+        ({"modified": {"$gt": "2024-02-30"}}, "not a valid date"),
+        ("modified > yesterday", "compares with a date"),
+        ({"tags": {"$in": json.loads("[" * 500 + "]" * 500)}}, "invalid value"),
+        ({"tags": {"$in": [f"t{n}" for n in range(1001)]}}, "MAX_FILTER_VALUES=1000"),
+        ("tags in " + "|".join(f"t{n}" for n in range(1001)), "MAX_FILTER_VALUES=1000"),
+        ("width >= 1 and " * 2000 + "width >= 1", "MAX_FILTER_CHARS=10000"),
+        ("name = " + "x" * 400_000, "MAX_FILTER_CHARS=10000"),
+        ('name = "unclosed', "is not closed"),
+    ]
+    for filters, message in refusals:
+        started = time.monotonic()
+        status, body = search(filters)
+        assert status == 400 and message in body["error"], (str(filters)[:80], body)
+        assert time.monotonic() - started < 5, str(filters)[:80]
+    assert "The indexed images have: " in search("widht >= 800")[1]["error"]
+    stored_format = engine.catalog.metadata(image_id(names[0]))["format"]
+    assert stored_format == "JPEG"
+    for spelling in ("format = jpeg", "format = Jpeg", "format in png|jpeg", {"format": {"$in": ["jpeg"]}}):
+        status, body = search(spelling)
+        assert status == 200 and len(body["results"]) == PHOTOS, spelling
+    assert search("format != jpeg")[1]["results"] == []
+    many = {"format": {"$in": [f"v{n}" for n in range(999)] + ["JPEG"]}}
+    assert len(search(many)[1]["results"]) == PHOTOS
+
+
+# -- 7. searches while indexing moves and deletes images ------------------------------------------
+
+
+def test_searches_while_images_move_and_vanish(indexed):
+    settings, _ = indexed
+    with ImageRetrieval(settings) as engine:
+        rng = np.random.default_rng(0)
+        dim = engine.encoder.dim
+        vectors = rng.standard_normal((200, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids = [f"synthetic-{n}" for n in range(200)]
+        metadata = [
+            {"path": f"s/{n}.jpg", "name": f"{n}.jpg", "tags": ["dog"], "width": n} for n in range(200)
+        ]
+        engine.write(ids, vectors, metadata)
+        engine.catalog.keywords.wait_until_built() if hasattr(
+            engine.catalog.keywords, "wait_until_built"
+        ) else None
+        stop = threading.Event()
+        errors: list[str] = []
+
+        def churn() -> None:
+            generation = 0
+            while not stop.is_set():
+                generation += 1
+                moved = [f"{image}-{generation}" for image in ids[:100]]
+                engine.write(moved, vectors[:100], metadata[:100])  # a move: the copy first, then the delete
+                engine.delete(ids[:100])
+                ids[:100] = moved
+
+        queries = [
+            {"mode": "vector"},
+            {"mode": "keyword"},
+            {"mode": "hybrid"},
+            {"mode": "vector", "filters": "tags contains dog"},
+            {"mode": "vector", "cutoff": "adaptive"},
+        ]
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)
+        churner = threading.Thread(target=churn)
+        churner.start()
+        searches = 0
+        try:
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                options = queries[searches % len(queries)]
+                try:
+                    engine.search_text("dog", top_k=50, **options)
+                except Exception as error:  # the point: nothing may escape
+                    errors.append(f"{options}: {type(error).__name__}: {error}")
+                searches += 1
+        finally:
+            stop.set()
+            churner.join()
+            sys.setswitchinterval(switch)
+        assert not errors, (len(errors), searches, errors[:3])
+        assert searches >= 5, searches
+
+
+# -- 3. near-duplicate folding without comparing all pairs ----------------------------------------
+
+FOLD_SIZE = 8000
+
+
+def mirror_only_images(engine: ImageRetrieval, vectors: np.ndarray, tag: str) -> list[str]:
+    """Images in the engine's in-memory mirror only (enough for filtered, exact searches)."""
+    ids = [f"{tag}-{n}" for n in range(len(vectors))]
+    metadatas = [{"path": f"{tag}/{n}.jpg", "name": f"{n}.jpg", "tags": [tag]} for n in range(len(vectors))]
+    engine.catalog.put(ids, vectors, metadatas, keywords=False)
+    return ids
+
+
+def folding_peak_bytes(engine: ImageRetrieval, query: np.ndarray, **options) -> tuple[int, object]:
+    tracemalloc.start()
+    try:
+        result = engine.search(SearchQuery([QueryPart(vector=query)], **options))
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_near_duplicate_folding_is_not_quadratic(indexed):
+    settings, _ = indexed
+    rng = np.random.default_rng(0)
+    with ImageRetrieval(settings) as engine:
+        dim = engine.encoder.dim
+        centre = rng.standard_normal(dim).astype(np.float32)
+        twins = centre + rng.standard_normal((FOLD_SIZE, dim)).astype(np.float32) * 1e-4
+        twins /= np.linalg.norm(twins, axis=1, keepdims=True)
+        mirror_only_images(engine, twins, "twin")
+        distinct = rng.standard_normal((FOLD_SIZE, dim)).astype(np.float32)
+        distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+        mirror_only_images(engine, distinct, "distinct")
+        # All pairs of FOLD_SIZE candidates would take FOLD_SIZE^2 x 5 bytes = 320 MB.
+        all_pairs = FOLD_SIZE**2 * 5
+        peak, result = folding_peak_bytes(engine, centre, top_k=20, filters="tags contains twin")
+        assert len(result.hits) == 1 and len(result.hits[0].duplicates) == FOLD_SIZE - 1
+        assert not result.has_more and peak < all_pairs / 10, peak
+        peak, deep = folding_peak_bytes(
+            engine, centre, top_k=200, offset=2000, filters="tags contains distinct"
+        )
+        assert len(deep.hits) == 200 and deep.has_more and peak < all_pairs / 10, peak
+        unfolded = engine.search(
+            SearchQuery(
+                [QueryPart(vector=centre)],
+                top_k=200,
+                offset=2000,
+                filters="tags contains distinct",
+                collapse_duplicates=False,
+            )
+        )
+        assert [hit.id for hit in deep.hits] == [hit.id for hit in unfolded.hits]
+
+
+# -- 8 and 11. the server itself: huge bodies, idle connections, the Chroma server's health -------
+
+
+def raw_exchange(port: int, request: bytes, timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        received = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+                if b"\r\n\r\n" in received and len(received) > 200:
+                    break
+        return received
+
+
+def test_huge_bodies_and_idle_connections_do_not_hold_the_server(indexed):
+    settings, _ = indexed
+    settings = settings.with_overrides(MAX_UPLOAD_MB=1.0, API_TOKEN="hostile-t0ken", API_IDLE_SECONDS=3)
+    with ApiServer(settings) as server:
+        for path in ("/search", "/index"):
+            started = time.monotonic()
+            answer = raw_exchange(
+                server.port,
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {1024**3}\r\n\r\n".encode(),
+            )
+            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+            assert time.monotonic() - started < 5
+        idle = []
+        try:
+            for number in range(150):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                if number % 2:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a request, then nothing
+                idle.append(sock)
+            started = time.monotonic()
+            answer = requests.get(f"{server.url}/", timeout=10)
+            assert answer.status_code == 200 and time.monotonic() - started < 5
+            time.sleep(settings.API_IDLE_SECONDS + 3)
+            closed = sum(1 for sock in idle if _closed_by_peer(sock))
+            assert closed == len(idle), closed
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(0.5)
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True
+
+
+# -- 9. file names that are not UTF-8 --------------------------------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(indexed):
+    settings, names = indexed
+    dataset = os.fsencode(settings.DATASET_FOLDER)
+    with open(os.path.join(dataset, b"caf\xe9 latin-1.jpg"), "wb") as file:
+        file.write(other_format("JPEG"))
+    with ImageRetrieval(settings) as engine:
+        summary = engine.index_folder()
+        again = engine.index_folder()
+        assert engine.count() == PHOTOS
+    for run in (summary, again):
+        assert run.failed == 1 and "not valid UTF-8" in run.failures[0][1], run.failures
+        assert run.failures[0][0] == "caf\ufffd latin-1.jpg"
+    cli = run_script("embed_images.py", settings, "--quiet")
+    assert cli.returncode == 0 and "not valid UTF-8" in cli.stderr and "Traceback" not in cli.stderr

@@ -62,10 +62,12 @@ _geocoder_lock = threading.Lock()
 
 def read_photo_fields(path: Path) -> dict[str, Any]:
     """The photo fields of an image file, reading only its header and EXIF block; {} when unreadable."""
+    from image_io import open_image  # the same format checks as indexing
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as image:
+            with open_image(path, math.inf) as image:
                 return photo_fields(image.getexif())
     except Exception as error:  # any unreadable file: no photo fields
         log.debug("%s: no photo metadata: %s", path, error)

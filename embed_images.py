@@ -97,23 +97,47 @@ def index_through_server(owner: dict[str, Any], settings: Settings, args: argpar
     if args.metadata:
         body["metadata"] = read_metadata_file(args.metadata, MetadataLimits.from_settings(settings))
     log.info("the API server at %s owns the database: indexing through it", url)
-    response = requests.post(f"{url}/index", json=body, headers=headers, timeout=30)
-    if response.status_code not in (202, 409):
-        raise SystemExit(f"error: the API server refused to index: {_error_text(response)}")
+    start_own_job(url, body, headers)
     bar = ProgressBar(not args.quiet)
     try:
-        while True:
-            job = requests.get(f"{url}/index", headers=headers, timeout=30).json()
-            bar.update(job.get("total", 0), job.get("done", 0))
-            if job.get("state") in ("done", "failed"):
-                break
-            time.sleep(POLL_SECONDS)
+        job = follow_job(url, headers, bar)
     finally:
         bar.close()
     if job["state"] == "failed":
         raise SystemExit(f"error: indexing failed: {job.get('error', 'unknown error')}")
     print(job["summary_line"])
+    if job.get("metadata_line"):
+        print(job["metadata_line"])
     return 0
+
+
+def start_own_job(url: str, body: dict[str, Any], headers: dict[str, str]) -> None:
+    """POST /index; while another client's job runs (409), wait for it to end, then ask again.
+
+    Following the other job instead would report its summary and drop this run's files and metadata.
+    """
+    while True:
+        response = requests.post(f"{url}/index", json=body, headers=headers, timeout=30)
+        if response.status_code == 202:
+            return
+        if response.status_code != 409:
+            raise SystemExit(f"error: the API server refused to index: {_error_text(response)}")
+        log.info("another indexing job is running on the server: waiting for it to finish")
+        while _job_status(url, headers).get("state") == "running":
+            time.sleep(POLL_SECONDS)
+
+
+def follow_job(url: str, headers: dict[str, str], bar: ProgressBar) -> dict[str, Any]:
+    while True:
+        job = _job_status(url, headers)
+        bar.update(job.get("total", 0), job.get("done", 0))
+        if job.get("state") in ("done", "failed"):
+            return job
+        time.sleep(POLL_SECONDS)
+
+
+def _job_status(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    return requests.get(f"{url}/index", headers=headers, timeout=30).json()
 
 
 def _error_text(response: requests.Response) -> str:

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 from api_server import ApiServer, settings_env
-from conftest import make_settings
+from conftest import make_settings, write_json
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_openapi
 from PIL import Image
@@ -721,6 +722,35 @@ def test_embed_images_hands_its_job_to_the_server(tmp_path, tiny_checkpoint, coc
         (dataset / new[0]["image"]).unlink()
         gone = requests.get(f"{url}/images/{found[0]['id']}", timeout=10)
         assert gone.status_code == 404 and "error" in gone.json()
+
+
+def test_embed_images_waits_for_another_job_then_runs_its_own(
+    tmp_path, tiny_checkpoint, coco_source, monkeypatch, capsys, caplog
+):
+    import embed_images
+
+    dataset = tmp_path / "dataset"
+    copy_photos(coco_source, dataset, 0, 80)
+    settings = make_settings(tmp_path, dataset, tiny_checkpoint, RATE_LIMIT_PER_MINUTE=0)
+    with ApiServer(settings) as running:
+        url = running.url
+        assert requests.post(f"{url}/index", json={}, timeout=30).status_code == 202
+        new = copy_photos(coco_source, dataset, 80, 4)
+        metadata_file = write_json(
+            tmp_path / "extra.json", [{"path": new[0]["image"], "description": "zanzibar lighthouse"}]
+        )
+        for name, value in settings_env(settings).items():
+            monkeypatch.setenv(name, value)
+        caplog.set_level("INFO", logger="embed_images")
+        assert embed_images.main(["--quiet", "--metadata", str(metadata_file)]) == 0
+        assert "another indexing job is running on the server" in caplog.text
+        summary, metadata_line = capsys.readouterr().out.splitlines()
+        counts = {name: int(number) for name, number in re.findall(r"(added|unchanged) (\d+)", summary)}
+        assert counts["added"] + counts["unchanged"] == 84 and counts["unchanged"] >= 80, summary
+        assert metadata_line.startswith("metadata: 1 records, 1 matched"), metadata_line
+        assert requests.get(f"{url}/", timeout=10).json()["images"] == 84
+        found = search(url, query="zanzibar", mode="keyword")["results"]
+        assert [hit["path"] for hit in found] == [new[0]["image"]]
 
 
 def test_address_helpers():

@@ -56,6 +56,8 @@ class Settings:
     HYBRID_RRF_K: int = 60
     # Images.
     MAX_IMAGE_MEGAPIXELS: float = 100.0
+    # Memory that all image decodes of a process may hold at once (uploads, thumbnails, loader threads).
+    DECODE_MEMORY_MB: float = 2048.0
     THUMBNAIL_SIZE: int = 256
     # Front ends.
     RESULTS_FOLDER: str = "results"

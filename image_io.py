@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import logging
 import math
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +55,77 @@ Image.MAX_IMAGE_PIXELS = None  # the megapixel limit is enforced by `open_image`
 
 class ImageLoadError(ValueError):
     """A file that cannot be used as an image, with the reason in words."""
+
+
+# Bytes a decoded pixel takes in Pillow's memory, by mode; every other mode takes 4.
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+_HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# Rows converted at a time when a 16-bit or float image is scaled down to 8 bits.
+_BAND_ROWS = 256
+
+
+def decode_bytes(image: Image.Image) -> int:
+    """An upper bound of the memory that decoding `image` and converting it to RGB takes.
+
+    The decoded pixels, an 8-bit copy, the RGB image, and for transparency two more RGBA images.
+    """
+    transparency = image.mode in ("RGBA", "LA", "PA", "P")
+    return image.width * image.height * (_PIXEL_BYTES.get(image.mode, 4) + 1 + 4 + (8 if transparency else 0))
+
+
+class DecodeBudget:
+    """Memory for decoding images, shared by every thread of the process (DECODE_MEMORY_MB).
+
+    A decode reserves its `decode_bytes` first and waits while other decodes hold the budget, so any
+    number of concurrent uploads and loader threads stay within it; one that alone exceeds it is refused.
+    """
+
+    def __init__(self, megabytes: float) -> None:
+        self.limit = int(megabytes * 2**20)
+        self._used = 0
+        self._free = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        if nbytes > self.limit:
+            raise ImageLoadError(
+                f"too large to decode: needs about {nbytes / 2**20:.0f} MB, "
+                f"over DECODE_MEMORY_MB={self.limit / 2**20:g}"
+            )
+        with self._free:
+            self._free.wait_for(lambda: self._used + nbytes <= self.limit)
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            with self._free:
+                self._used -= nbytes
+                self._free.notify_all()
+
+
+DECODE_BUDGET = DecodeBudget(2048)
+
+
+def set_decode_memory(megabytes: float) -> None:
+    """Set the process's decode budget (the engine does, from DECODE_MEMORY_MB)."""
+    DECODE_BUDGET.limit = int(megabytes * 2**20)
+    _return_large_buffers_to_the_system()
+
+
+def _return_large_buffers_to_the_system() -> None:
+    """Make glibc map every allocation over 1 MB on its own and unmap it when freed.
+
+    By default glibc raises that threshold after the first large free, so decode buffers land in
+    per-thread arenas that keep their memory: eight threads decoding one after the other then held
+    eight decodes' worth, whatever the budget. Elsewhere than glibc this does nothing.
+    """
+    libc_name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc_name), "mallopt", None) if libc_name else None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+_M_MMAP_THRESHOLD = -3
 
 
 @dataclass(frozen=True)
@@ -173,8 +247,9 @@ def decode_for_model(
     with _decoding():
         if image.format in ("JPEG", "MPO"):
             _draft(image, DRAFT_MARGIN * min_side)
-        image.load()
-        return _model_view(to_rgb(upright(image, orientation))), facts
+        with DECODE_BUDGET.reserve(decode_bytes(image)):
+            image.load()
+            return _reduced(_model_view(to_rgb(upright(image, orientation))), 2 * min_side), facts
 
 
 @contextlib.contextmanager
@@ -233,6 +308,16 @@ def _model_view(image: Image.Image) -> Image.Image:
     return image.crop(box)
 
 
+def _reduced(image: Image.Image, min_side: int) -> Image.Image:
+    """The image shrunk by a whole factor (box filter) while its short side stays >= `min_side`.
+
+    The model's own resize then starts from a few times its input size, as after a JPEG draft decode, and
+    the full-size pixels are freed before the decode's memory budget is given back.
+    """
+    factor = min(image.size) // min_side
+    return image.reduce(factor) if factor >= 2 else image
+
+
 def _draft(image: Image.Image, min_side: int) -> None:
     short = min(image.width, image.height)
     if short <= min_side:
@@ -243,16 +328,27 @@ def _draft(image: Image.Image, min_side: int) -> None:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB pixels: transparency over white, 16-bit and float images scaled down to 8 bits."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        peak = pixels.max() if pixels.size else 0
-        scale = 255.0 / 65535.0 if peak > 255 else 1.0
-        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), "L")
+    if image.mode in _HIGH_BIT_MODES:
+        image = _to_8_bits(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit and float pixels as 8-bit grey (scaled from 16 bits when the peak says so), a band of rows
+    at a time, so that the conversion needs no more than a band's worth of extra memory."""
+    peak = image.getextrema()[1]
+    scale = 255.0 / 65535.0 if peak > 255 else 1.0
+    grey = Image.new("L", image.size)
+    for top in range(0, image.height, _BAND_ROWS):
+        band = image.crop((0, top, image.width, min(top + _BAND_ROWS, image.height)))
+        pixels = np.asarray(band, dtype=np.float32) * np.float32(scale)
+        np.clip(pixels, 0, 255, out=pixels)
+        grey.paste(Image.fromarray(pixels.astype(np.uint8), "L"), (0, top))
+    return grey
 
 
 def thumbnail_jpeg(source: ImageSource, size: int, max_megapixels: float) -> bytes:
@@ -262,9 +358,10 @@ def thumbnail_jpeg(source: ImageSource, size: int, max_megapixels: float) -> byt
     with _decoding():
         if image.format in ("JPEG", "MPO"):
             image.draft("RGB", (size, size))
-        image.load()
-        image = to_rgb(upright(image, orientation))
-        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        with DECODE_BUDGET.reserve(decode_bytes(image)):
+            image.load()
+            image = to_rgb(upright(image, orientation))
+            image.thumbnail((size, size), Image.Resampling.LANCZOS)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85, optimize=True)
         return out.getvalue()

@@ -22,7 +22,7 @@ from catalog import Catalog
 from config import Settings, load_settings
 from explain import DEFAULT_GRID, MAX_GRID, MIN_GRID, Explanation, heat_map
 from filters import Filter, FilterLimits, check_fields, parse_filter
-from image_io import ImageLoadError, decode_for_model, open_inside
+from image_io import ImageLoadError, decode_for_model, open_inside, set_decode_memory
 from indexer import SYSTEM_FIELDS, Indexer, IndexingRefused, IndexSummary, ProgressCallback
 from metadata_import import ImportSummary, MetadataLimits, merge_records, normalised_records
 from store import (
@@ -184,6 +184,7 @@ class ImageRetrieval:
         create: bool = True,
     ) -> None:
         self.settings = settings or load_settings()
+        set_decode_memory(self.settings.DECODE_MEMORY_MB)
         self.dataset_root = Path(self.settings.DATASET_FOLDER).resolve()
         self._db_lock: DatabaseLock | None = None
         if not self.settings.server_mode:

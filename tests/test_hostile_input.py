@@ -524,3 +524,84 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(indexed):
         assert run.failures[0][0] == "caf\ufffd latin-1.jpg"
     cli = run_script("embed_images.py", settings, "--quiet")
     assert cli.returncode == 0 and "not valid UTF-8" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def high_bit_upload(kind: str, side: int) -> str:
+    """A data URI of a large 16-bit PNG or float TIFF that compresses to a few hundred KB."""
+    if kind == "png":
+        image, options = Image.fromarray(np.zeros((side, side), dtype=np.uint16)), {"format": "PNG"}
+    else:
+        image = Image.fromarray(np.zeros((side, side), dtype=np.float32))
+        options = {"format": "TIFF", "compression": "tiff_adobe_deflate"}
+    out = io.BytesIO()
+    image.save(out, **options)
+    mime = "image/png" if kind == "png" else "image/tiff"
+    return f"data:{mime};base64,{base64.b64encode(out.getvalue()).decode()}"
+
+
+def peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+
+
+def test_concurrent_high_bit_uploads_stay_within_the_decode_budget(indexed):
+    settings, _ = indexed
+    budget_mb = 400
+    uploads = [high_bit_upload(kind, 6000) for kind in ("png", "tiff") for _ in range(4)]
+    with ApiServer(settings.with_overrides(DECODE_MEMORY_MB=budget_mb)) as server:
+        search(server.url, query="warm up")
+        before = peak_rss_mb(server.process.pid)
+        answers: list[int] = []
+        threads = [
+            threading.Thread(target=lambda uri=uri: answers.append(post_search(server.url, uri)))
+            for uri in uploads
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        growth = peak_rss_mb(server.process.pid) - before
+        assert answers == [200] * len(uploads)
+        # Each decode needs about 240 (PNG) or 330 MB (TIFF); before the budget, eight at once took
+        # gigabytes. The margin covers the eight request threads' own work (bodies, the model, the heap).
+        assert growth < budget_mb + 300, growth
+    with ApiServer(settings.with_overrides(DECODE_MEMORY_MB=100)) as server:
+        refused = requests.post(f"{server.url}/search", json={"image": uploads[0]}, timeout=120)
+        assert refused.status_code == 400 and "DECODE_MEMORY_MB=100" in refused.json()["error"]
+
+
+def post_search(url: str, image: str) -> int:
+    return requests.post(f"{url}/search", json={"image": image, "top_k": 1}, timeout=300).status_code
+
+
+def search(url: str, **body) -> dict:
+    answer = requests.post(f"{url}/search", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_the_decode_budget_is_shared_and_never_exceeded():
+    from image_io import DecodeBudget, ImageLoadError
+
+    budget = DecodeBudget(1)
+    held, most = 0, 0
+    lock = threading.Lock()
+
+    def decode(nbytes: int) -> None:
+        nonlocal held, most
+        with budget.reserve(nbytes):
+            with lock:
+                held += nbytes
+                most = max(most, held)
+            time.sleep(0.01)
+            with lock:
+                held -= nbytes
+
+    threads = [threading.Thread(target=decode, args=(400_000,)) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 400_000 <= most <= 2**20
+    with pytest.raises(ImageLoadError, match="DECODE_MEMORY_MB=1"), budget.reserve(2**20 + 1):
+        pass

@@ -14,13 +14,14 @@ import io
 import os
 import random
 import struct
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 EXIF_ORIENTATION = 0x0112
 SECRET_TEXT = "TOP-SECRET-6f1c: this file lies outside the dataset folder"
@@ -90,6 +91,48 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
+def bad_exif_jpeg() -> bytes:
+    """A JPEG that decodes, but whose EXIF block is damaged so that Pillow's exif_transpose raises."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Camera" * 10
+    base = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(base, "JPEG", exif=exif.tobytes())
+    good = base.getvalue()
+    start = good.find(b"Exif")
+    rng = random.Random(1)
+    for _ in range(5000):
+        mutated = bytearray(good)
+        for _ in range(3):
+            mutated[rng.randrange(start, start + 120)] = rng.randrange(256)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                image = Image.open(io.BytesIO(bytes(mutated)))
+                image.load()
+            except Exception:
+                continue
+            try:
+                ImageOps.exif_transpose(image)
+            except Exception:
+                return bytes(mutated)
+    raise AssertionError("no mutation broke exif_transpose")
+
+
+def rare_format_bytes(kind: str) -> bytes:
+    """A small picture in a format Pillow reads but the engine refuses (ICO, PPM, SGI, JPEG 2000, ...)."""
+    out = io.BytesIO()
+    scene((40, 30), 14).save(out, kind)
+    return out.getvalue()
+
+
+def float_as_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        pixels = np.asarray(image, dtype=np.float64)
+    scale = 255.0 / 65535.0 if pixels.max() > 255 else 1.0
+    return Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
 def jpeg_bytes(image: Image.Image, **options) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG", quality=92, **options)
@@ -102,6 +145,7 @@ def write_corrupt_corpus(dataset: Path, outside: Path) -> list[CorpusFile]:
     return [
         *_write_broken(dataset),
         *_write_unusual(dataset),
+        *_write_refused_formats(dataset),
         *_write_links(dataset, outside),
     ]
 
@@ -146,6 +190,24 @@ def _write_unusual(dataset: Path) -> list[CorpusFile]:
         CorpusFile("elongated.png", True, size=(10000, 3), reference=as_rgb),
         CorpusFile("Crème brûlée à Zürich – été.jpg", True, size=(260, 200), reference=as_rgb),
         CorpusFile("plain.jpg", True, size=(240, 240), reference=as_rgb),
+    ]
+
+
+def _write_refused_formats(dataset: Path) -> list[CorpusFile]:
+    """Formats outside the photo formats, each behind a photo file name, and a damaged EXIF block."""
+    entries = []
+    disguised = {"ICO": "icon.png", "PPM": "pixmap.jpg", "SGI": "sgi.png", "JPEG2000": "j2k.jpg"}
+    for kind, name in disguised.items():
+        (dataset / name).write_bytes(rare_format_bytes(kind))
+        entries.append(CorpusFile(name, False, "unrecognised format"))
+    (dataset / "bad exif.jpg").write_bytes(bad_exif_jpeg())
+    ramp = np.add.outer(np.arange(90, dtype=np.float32) * 2.5, np.arange(120, dtype=np.float32))
+    Image.fromarray(ramp).save(dataset / "float.tif")
+    return [
+        *entries,
+        # Its orientation (6) still reads, although Pillow's exif_transpose raises on the block.
+        CorpusFile("bad exif.jpg", True, size=(48, 64), reference=as_rgb),
+        CorpusFile("float.tif", True, size=(120, 90), reference=float_as_rgb),
     ]
 
 

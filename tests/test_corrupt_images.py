@@ -31,6 +31,7 @@ UPLOAD_REFUSALS = {
     "random.jpg": "not an image",
     "text.png": "not an image",
     "bomb.png": "too large",
+    **dict.fromkeys(("icon.png", "pixmap.jpg", "sgi.png", "j2k.jpg"), "unrecognised format"),
 }
 
 

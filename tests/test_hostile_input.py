@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,6 @@ import sys
 import threading
 import time
 import tracemalloc
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +22,8 @@ import pytest
 import requests
 from api_server import ApiServer, settings_env
 from conftest import make_settings
-from PIL import Image, ImageOps
+from corrupt_corpus import bad_exif_jpeg
+from PIL import Image
 
 from image_retrieval import ImageRetrieval, QueryPart, SearchQuery
 from indexer import image_id
@@ -215,34 +214,6 @@ def test_a_file_flipping_to_a_symlink_is_never_served(api_client, tmp_path):
 
 
 # -- 7 and 11. files that change after indexing --------------------------------------------------
-
-
-def bad_exif_jpeg() -> bytes:
-    """A JPEG that decodes, but whose EXIF block is damaged so that Pillow's exif_transpose raises."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    exif[0x010F] = "Camera" * 10
-    base = io.BytesIO()
-    Image.new("RGB", (64, 48), "red").save(base, "JPEG", exif=exif.tobytes())
-    good = base.getvalue()
-    start = good.find(b"Exif")
-    rng = random.Random(1)
-    for _ in range(5000):
-        mutated = bytearray(good)
-        for _ in range(3):
-            mutated[rng.randrange(start, start + 120)] = rng.randrange(256)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                image = Image.open(io.BytesIO(bytes(mutated)))
-                image.load()
-            except Exception:
-                continue
-            try:
-                ImageOps.exif_transpose(image)
-            except Exception:
-                return bytes(mutated)
-    raise AssertionError("no mutation broke exif_transpose")
 
 
 def test_files_replaced_or_deleted_after_indexing(api_client, tmp_path):

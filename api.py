@@ -66,6 +66,9 @@ log = logging.getLogger("api")
 ROOT = Path(__file__).resolve().parent
 THUMBNAIL_CACHE_BYTES = 64 * 1024 * 1024
 CACHE_SECONDS = 300
+# Inline previews (`previews` in a search): long side and JPEG quality; about 1 KB each as a data URI.
+PREVIEW_SIZE = 48
+PREVIEW_QUALITY = 60
 BODY_MARGIN_BYTES = 1024 * 1024
 RATE_WINDOW_SECONDS = 60.0
 PAGE_PATHS = ("/ui",)
@@ -279,7 +282,7 @@ class Api:
             "mode": result.mode,
             "top_k": search.query.top_k or self.settings.TOP_K,
             "offset": search.query.offset,
-            "results": self._results(result, search.include_images),
+            "results": self._results(result, search.include_images, search.previews),
             "total_results": len(result.hits),
             "has_more": result.has_more,
             "total": result.total,
@@ -289,19 +292,23 @@ class Api:
             answer["note"] = result.note
         return answer
 
-    def _results(self, result: SearchResult, include_images: bool) -> list[dict[str, Any]]:
+    def _results(self, result: SearchResult, include_images: bool, previews: int) -> list[dict[str, Any]]:
         results = []
-        for hit in result.hit_dicts():
+        for position, hit in enumerate(result.hit_dicts()):
             hit["thumbnail_url"] = f"/thumbnails/{hit['id']}"
             hit["image_url"] = f"/images/{hit['id']}"
             if include_images:
                 hit["image"] = self._thumbnail_data_uri(hit["id"], hit["metadata"])
+            elif position < previews:
+                hit["preview"] = self._thumbnail_data_uri(hit["id"], hit["metadata"], PREVIEW_SIZE)
             results.append(hit)
         return results
 
-    def _thumbnail_data_uri(self, image_id: str, metadata: dict[str, Any]) -> str | None:
+    def _thumbnail_data_uri(
+        self, image_id: str, metadata: dict[str, Any], size: int | None = None
+    ) -> str | None:
         try:
-            thumbnail = self.thumbnail(image_id).thumbnail
+            thumbnail = self.thumbnail(image_id, size=size).thumbnail
         except UnknownImage:
             log.warning("no thumbnail for %s: its file is gone or unreadable", metadata.get("path"))
             return None
@@ -313,12 +320,14 @@ class Api:
             raise UnknownImage(image_id)
         return metadata
 
-    def thumbnail(self, image_id: str, if_none_match: Any = None) -> ServedThumbnail:
+    def thumbnail(self, image_id: str, if_none_match: Any = None, size: int | None = None) -> ServedThumbnail:
         """The thumbnail of the image's file as it is now (opened once), cached while the file is unchanged.
 
-        When `if_none_match` matches, the thumbnail is not made (`thumbnail` is None: a 304).
+        When `if_none_match` matches, the thumbnail is not made (`thumbnail` is None: a 304). `size` is
+        THUMBNAIL_SIZE unless given (the tiny inline previews); the small ones are saved at lower quality.
         """
-        size = self.settings.THUMBNAIL_SIZE
+        size = size or self.settings.THUMBNAIL_SIZE
+        quality = PREVIEW_QUALITY if size <= PREVIEW_SIZE else 85
         metadata = self.metadata(image_id)
         file, opened = self.engine.open_file(image_id)
         with file:
@@ -328,7 +337,7 @@ class Api:
 
             def make() -> bytes:
                 try:
-                    return thumbnail_jpeg(file, size, self.settings.MAX_IMAGE_MEGAPIXELS)
+                    return thumbnail_jpeg(file, size, self.settings.MAX_IMAGE_MEGAPIXELS, quality)
                 except (ImageLoadError, OSError) as error:
                     log.warning("cannot make a thumbnail of %s: %s", metadata.get("path"), error)
                     raise UnknownImage(image_id) from None

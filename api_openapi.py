@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api_requests import CUTOFFS, INCLUDE_IMAGES, MAX_PART_WEIGHT, MODES, SORTS
+from api_requests import CUTOFFS, INCLUDE_IMAGES, MAX_PART_WEIGHT, MAX_PREVIEWS, MODES, SORTS
 from config import Settings
 from explain import DEFAULT_GRID, MAX_GRID, MIN_GRID
 
@@ -208,6 +208,13 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
         },
         "collapse_duplicates": {"type": "boolean", "default": True},
         "include_images": {"type": "string", "enum": list(INCLUDE_IMAGES), "default": "thumbnail"},
+        "previews": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_PREVIEWS,
+            "default": 0,
+            "description": "with include_images=none: the first N results carry a tiny inline preview",
+        },
     }
     json_fields = {name: _nullable(schema) for name, schema in search_fields.items()}
     form_fields = {
@@ -390,6 +397,11 @@ def _hit_schema() -> dict[str, Any]:
                 "type": "string",
                 "nullable": True,
                 "description": "thumbnail as a data URI (absent with include_images=none)",
+            },
+            "preview": {
+                "type": "string",
+                "nullable": True,
+                "description": "a tiny JPEG data URI on the first `previews` results (include_images=none)",
             },
             "thumbnail_url": {"type": "string"},
             "image_url": {"type": "string"},

@@ -28,6 +28,7 @@ SEARCH_FIELDS = frozenset(
         "sort",
         "collapse_duplicates",
         "include_images",
+        "previews",
     }
 )
 PART_FIELDS = frozenset({"text", "image", "id", "weight"})
@@ -35,6 +36,8 @@ PART_FIELDS = frozenset({"text", "image", "id", "weight"})
 BLANK_MEANS_ABSENT = frozenset({"query", "image", "similar_to", "parts", "filters"})
 MAX_PART_WEIGHT = 10.0
 INCLUDE_IMAGES = ("thumbnail", "none")
+# The first `previews` results may carry a tiny inline picture, painted before the thumbnails arrive.
+MAX_PREVIEWS = 24
 CUTOFFS = ("adaptive", "none")
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
@@ -57,6 +60,7 @@ class SearchRequest:
     query: SearchQuery
     text: str | None
     include_images: bool
+    previews: int = 0
 
 
 def search_request_from_json(body: Any) -> SearchRequest:
@@ -80,7 +84,8 @@ def search_request_from_form(form: MultiDict[str, str], files: MultiDict[str, Fi
     values: dict[str, Any] = {
         key: text for key, text in form.items() if text != "" or key not in BLANK_MEANS_ABSENT
     }
-    for name, parse in (("top_k", _form_int), ("offset", _form_int), ("min_score", _form_float)):
+    numbers = {"top_k": _form_int, "offset": _form_int, "previews": _form_int, "min_score": _form_float}
+    for name, parse in numbers.items():
         if name in values:
             values[name] = parse(name, values[name])
     if "collapse_duplicates" in values:
@@ -152,7 +157,7 @@ def _search_request(values: dict[str, Any]) -> SearchRequest:
         sort=_choice(values, "sort", SORTS, "relevance"),
         collapse_duplicates=_typed(values, "collapse_duplicates", bool, True),
     )
-    return SearchRequest(query, text, include_images == "thumbnail")
+    return SearchRequest(query, text, include_images == "thumbnail", _previews(values))
 
 
 @dataclass
@@ -208,6 +213,13 @@ def _typed(values: dict[str, Any], name: str, kind: type, default: Any = None) -
 
 def _integer(values: dict[str, Any], name: str) -> int | None:
     return _typed(values, name, int)
+
+
+def _previews(values: dict[str, Any]) -> int:
+    previews = _integer(values, "previews") or 0
+    if not 0 <= previews <= MAX_PREVIEWS:
+        raise BadRequest(f"previews must be from 0 to {MAX_PREVIEWS}")
+    return previews
 
 
 def _number(values: dict[str, Any], name: str) -> float | None:

@@ -351,7 +351,7 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
     return grey
 
 
-def thumbnail_jpeg(source: ImageSource, size: int, max_megapixels: float) -> bytes:
+def thumbnail_jpeg(source: ImageSource, size: int, max_megapixels: float, quality: int = 85) -> bytes:
     """A JPEG whose long side is at most `size`, upright."""
     image = open_image(source, max_megapixels)
     orientation = exif_orientation(_exif_or_none(image))
@@ -363,5 +363,5 @@ def thumbnail_jpeg(source: ImageSource, size: int, max_megapixels: float) -> byt
             image = to_rgb(upright(image, orientation))
             image.thumbnail((size, size), Image.Resampling.LANCZOS)
         out = io.BytesIO()
-        image.save(out, "JPEG", quality=85, optimize=True)
+        image.save(out, "JPEG", quality=quality, optimize=True)
         return out.getvalue()

@@ -7,6 +7,8 @@
   const DEFAULT_TOP_K = 20;
   const MAX_TOP_K = 200;
   const REQUEST_TIMEOUT_MS = 120000;
+  // Results whose tiny preview comes inline in the answer: about the first row or two of photos.
+  const PREVIEWS = 8;
   const STORAGE = {
     base: "imageSearch.apiBase",
     tokens: "imageSearch.tokens",
@@ -417,6 +419,8 @@
       mode: state.mode,
       include_images: inlineImages() ? "thumbnail" : "none",
     };
+    // The first photos come inline as tiny previews, painted before their thumbnails arrive.
+    if (!inlineImages()) body.previews = PREVIEWS;
     if (state.query) body.query = state.query;
     if (state.image) body.image = state.image;
     if (state.similarTo) body.similar_to = state.similarTo;
@@ -928,6 +932,20 @@
       height: 200,
     });
     image.src = thumbnailSource(hit);
+    const button = node(
+      "button",
+      { type: "button", class: "card-button", tabindex: -1, onclick: () => openPreview(index) },
+      image,
+      takenElement(hit.metadata, false),
+      duplicates
+        ? node("span", {
+            class: "dupes",
+            title: `${duplicates} near-duplicate${duplicates > 1 ? "s" : ""} folded into this result: open to see them`,
+            text: `+${duplicates}`,
+          })
+        : null,
+    );
+    if (hit.preview) button.style.backgroundImage = `url("${hit.preview}")`;
     return node(
       "li",
       {
@@ -939,19 +957,7 @@
         "data-path": hit.path,
         "data-name": fileName(hit),
       },
-      node(
-        "button",
-        { type: "button", class: "card-button", tabindex: -1, onclick: () => openPreview(index) },
-        image,
-        takenElement(hit.metadata, false),
-        duplicates
-          ? node("span", {
-              class: "dupes",
-              title: `${duplicates} near-duplicate${duplicates > 1 ? "s" : ""} folded into this result: open to see them`,
-              text: `+${duplicates}`,
-            })
-          : null,
-      ),
+      button,
     );
   }
 

@@ -480,6 +480,20 @@ def test_a_query_without_text_ranks_by_vector_in_any_mode(server, photos, openap
     assert with_words["mode"] == mode and "note" not in with_words
 
 
+def test_inline_previews_for_the_first_results(server):
+    answer = search(server.url, query="a photo", top_k=10, include_images="none", previews=4)
+    previews = [hit.get("preview") for hit in answer["results"]]
+    assert all(uri.startswith("data:image/jpeg;base64,") for uri in previews[:4])
+    assert previews[4:] == [None] * 6
+    small = Image.open(io.BytesIO(base64.b64decode(previews[0].split(",", 1)[1])))
+    assert max(small.size) <= 48 and len(previews[0]) < 2000
+    inline = search(server.url, query="a photo", top_k=3, previews=3)["results"]
+    assert all("preview" not in hit and hit["image"] for hit in inline)
+    for bad in (-1, 25, "4", 1.5):
+        refused = requests.post(f"{server.url}/search", json={"query": "a", "previews": bad}, timeout=30)
+        assert refused.status_code == 400 and "previews" in refused.json()["error"]
+
+
 def test_upload_errors(server, photos):
     dataset, _ = photos
     cases = [

@@ -149,6 +149,10 @@ def test_fifty_results_on_slow_4g_small_answer_fast_first_paint_cached_thumbnail
                 if (window.__paint.cards || !document.querySelector("#grid .card")) return;
                 requestAnimationFrame(() => requestAnimationFrame(() => {
                     window.__paint.cards = performance.now();
+                    const first = document.querySelector("#grid .card-button");
+                    if (getComputedStyle(first).backgroundImage.startsWith('url("data:image/jpeg')) {
+                        window.__paint.photo = window.__paint.photo || window.__paint.cards;
+                    }
                 }));
             }).observe(document.querySelector("#grid"), {childList: true});
             document.querySelector("#grid").addEventListener("load", () => {
@@ -168,6 +172,10 @@ def test_fifty_results_on_slow_4g_small_answer_fast_first_paint_cached_thumbnail
     assert len(results) == 50 and all("image" not in hit for hit in results)
     assert len(body) <= ANSWER_BUDGET_BYTES
     assert cards_ms <= PAINT_BUDGET_MS
+    # The first photos are painted from the tiny previews inline in the answer, before any thumbnail.
+    assert photo_ms <= PAINT_BUDGET_MS
+    assert all(hit["preview"].startswith("data:image/jpeg") for hit in results[:8])
+    assert all("preview" not in hit for hit in results[8:])
     first = page.locator("#grid .card img").first
     assert first.get_attribute("loading") == "lazy"
     assert first.get_attribute("src") == f"{server.url}{results[0]['thumbnail_url']}"

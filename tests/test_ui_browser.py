@@ -173,7 +173,11 @@ def test_text_search_shows_top_k_cards_in_api_order(page, server):
     assert names == [hit["metadata"]["name"] for hit in expected]
     for image in page.locator("#grid .card img").all():
         assert image.get_attribute("alt")
-        assert image.evaluate("img => img.complete && img.naturalWidth > 0")
+    # Thumbnails load by URL after the answer, so their arrival is waited for (a broken one never loads).
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#grid .card img')]"
+        ".every(img => img.complete && img.naturalWidth > 0)"
+    )
     assert page.locator("#status").inner_text().startswith("Results 1–7")
     assert url_state(page) == {"q": "a living room with a couch", "top_k": "7"}
 

@@ -21,7 +21,15 @@ import pytest
 import requests
 from api_server import ApiServer
 from conftest import make_settings
-from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, card_ids, open_search, wait_for_search
+from test_ui_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    TIMEOUT_MS,
+    card_ids,
+    open_search,
+    require_chromium,
+    wait_for_search,
+)
 
 from image_retrieval import ImageRetrieval
 
@@ -146,8 +154,7 @@ def server(tmp_path_factory, tiny_checkpoint, coco_source) -> Iterator[ApiServer
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     args = [

@@ -66,13 +66,18 @@ def server(tmp_path_factory, tiny_checkpoint, ui_dataset) -> Iterator[ApiServer]
         yield api
 
 
-@pytest.fixture(scope="module")
-def browser():
+def require_chromium() -> None:
+    """Skip without Debian's chromium, except in CI, where the browser tests must run."""
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
         if os.environ.get("CI"):
             pytest.fail(message + "; browser tests must run in CI", pytrace=False)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

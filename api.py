@@ -46,6 +46,7 @@ from api_requests import (
     explain_request_from_json,
     is_json_type,
     json_body,
+    request_limits,
     search_request_from_form,
     search_request_from_json,
 )
@@ -273,6 +274,7 @@ class Api:
             "device": encoder.device,
             "collection": self.settings.COLLECTION_NAME,
             "indexing": self.index_job.state,
+            **request_limits(self.settings),
         }
 
     def search(self, search: SearchRequest) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api_requests import CUTOFFS, INCLUDE_IMAGES, MAX_PART_WEIGHT, MAX_PREVIEWS, MODES, SORTS
+from api_requests import CUTOFFS, INCLUDE_IMAGES, MODES, SORTS, request_limits
 from config import Settings
 from explain import DEFAULT_GRID, MAX_GRID, MIN_GRID
 
@@ -58,6 +58,10 @@ def _cached_file_responses(description: str, media_type: str) -> dict[str, Any]:
         "304": {"description": "not modified (If-None-Match matched the ETag)", "headers": cached},
         **_errors(401, 404),
     }
+
+
+def _json_number_type(value: float) -> str:
+    return "integer" if isinstance(value, int) else "number"
 
 
 def _openapi_paths() -> dict[str, Any]:
@@ -182,16 +186,30 @@ def _openapi_paths() -> dict[str, Any]:
     }
 
 
+LIMIT_DESCRIPTIONS = {
+    "max_top_k": "largest top_k a search may ask for",
+    "max_offset": "largest offset a search may ask for",
+    "max_query_chars": "longest text of a query or part, in characters",
+    "max_query_parts": "most parts of a combined query",
+    "max_part_weight": "largest weight of a part, either sign",
+    "max_previews": "most inline previews a search may ask for",
+    "max_filter_chars": "longest filter expression, in characters",
+    "max_upload_mb": "largest request body, in MB",
+    "max_image_megapixels": "largest uploaded image, in megapixels",
+}
+
+
 def _openapi_schemas(settings: Settings) -> dict[str, Any]:
-    text = {"type": "string", "minLength": 1, "maxLength": settings.MAX_QUERY_CHARS, "pattern": r"\S"}
+    limits = request_limits(settings)
+    text = {"type": "string", "minLength": 1, "maxLength": limits["max_query_chars"], "pattern": r"\S"}
     number = {"type": "number"}
     search_fields = {
         "query": {**text, "description": "text query"},
         "image": {"type": "string", "minLength": 1, "description": "query image as a data URI or base64"},
         "similar_to": {"type": "string", "description": "id of an indexed image"},
-        "parts": {"type": "array", "maxItems": settings.MAX_QUERY_PARTS, "items": _ref("QueryPart")},
-        "top_k": {"type": "integer", "minimum": 1, "maximum": settings.MAX_TOP_K, "default": settings.TOP_K},
-        "offset": {"type": "integer", "minimum": 0, "maximum": settings.MAX_OFFSET, "default": 0},
+        "parts": {"type": "array", "maxItems": limits["max_query_parts"], "items": _ref("QueryPart")},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": limits["max_top_k"], "default": settings.TOP_K},
+        "offset": {"type": "integer", "minimum": 0, "maximum": limits["max_offset"], "default": 0},
         "min_score": {"type": "number", "minimum": -1, "maximum": 1},
         "cutoff": {"type": "string", "enum": list(CUTOFFS)},
         "filters": {
@@ -211,7 +229,7 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
         "previews": {
             "type": "integer",
             "minimum": 0,
-            "maximum": MAX_PREVIEWS,
+            "maximum": limits["max_previews"],
             "default": 0,
             "description": "with include_images=none: the first N results carry a tiny inline preview",
         },
@@ -221,7 +239,7 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
         **search_fields,
         "query": {
             "type": "string",
-            "maxLength": settings.MAX_QUERY_CHARS,
+            "maxLength": limits["max_query_chars"],
             "pattern": r"^$|\S",
             "description": "text query; an empty form field counts as not given",
         },
@@ -241,7 +259,12 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
                 "text": text,
                 "image": {"type": "string", "minLength": 1},
                 "id": {"type": "string"},
-                "weight": {**number, "minimum": -MAX_PART_WEIGHT, "maximum": MAX_PART_WEIGHT, "default": 1},
+                "weight": {
+                    **number,
+                    "minimum": -limits["max_part_weight"],
+                    "maximum": limits["max_part_weight"],
+                    "default": 1,
+                },
             },
             "oneOf": [{"required": ["text"]}, {"required": ["image"]}, {"required": ["id"]}],
         },
@@ -285,7 +308,7 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
         },
         "Health": {
             "type": "object",
-            "required": ["status", "images", "model", "device", "collection", "indexing"],
+            "required": ["status", "images", "model", "device", "collection", "indexing", *limits],
             "properties": {
                 "status": {"type": "string", "enum": ["ok"]},
                 "images": {"type": "integer"},
@@ -293,6 +316,10 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
                 "device": {"type": "string"},
                 "collection": {"type": "string"},
                 "indexing": {"type": "string", "enum": ["idle", "running", "done", "failed"]},
+                **{
+                    name: {"type": _json_number_type(value), "description": LIMIT_DESCRIPTIONS[name]}
+                    for name, value in limits.items()
+                },
             },
         },
         "IndexRequest": {

@@ -11,6 +11,7 @@ import numpy as np
 from flask import Request
 from werkzeug.datastructures import FileStorage, MultiDict
 
+from config import Settings
 from image_retrieval import MODES, SORTS, QueryPart, SearchQuery, data_uri_bytes
 
 SEARCH_FIELDS = frozenset(
@@ -45,6 +46,21 @@ FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 
 EXPLAIN_FIELDS = frozenset({"id", "query", "vector", "image", "similar_to", "grid"})
 EXPLAIN_QUERIES = ("query", "vector", "image", "similar_to")
+
+
+def request_limits(settings: Settings) -> dict[str, int | float]:
+    """The bounds a request must keep, as the checks apply them; GET / reports them for the page."""
+    return {
+        "max_top_k": settings.MAX_TOP_K,
+        "max_offset": settings.MAX_OFFSET,
+        "max_query_chars": settings.MAX_QUERY_CHARS,
+        "max_query_parts": settings.MAX_QUERY_PARTS,
+        "max_part_weight": MAX_PART_WEIGHT,
+        "max_previews": MAX_PREVIEWS,
+        "max_filter_chars": settings.MAX_FILTER_CHARS,
+        "max_upload_mb": settings.MAX_UPLOAD_MB,
+        "max_image_megapixels": settings.MAX_IMAGE_MEGAPIXELS,
+    }
 
 
 class BadRequest(ValueError):

@@ -1409,14 +1409,21 @@
     el.apiStatus.textContent = text;
   }
 
+  // The request limits the server reports in GET / (max_top_k, max_query_chars, ...).
+  function applyLimits(info) {
+    const limit = Number(info.max_top_k);
+    if (Number.isInteger(limit) && limit > 0) {
+      maxTopK = Math.min(limit, MAX_TOP_K);
+      el.topK.max = String(maxTopK);
+    }
+    const chars = Number(info.max_query_chars);
+    if (Number.isInteger(chars) && chars > 0) el.query.maxLength = chars;
+  }
+
   async function checkApi() {
     try {
       const info = await (await apiFetch("/")).json();
-      const limit = Number(info.max_top_k);
-      if (Number.isInteger(limit) && limit > 0) {
-        maxTopK = Math.min(limit, MAX_TOP_K);
-        el.topK.max = String(maxTopK);
-      }
+      applyLimits(info);
       markApiStatus("up", `Connected to ${apiBase()} · ${describeApi(info)}`);
     } catch (error) {
       const text =

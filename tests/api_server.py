@@ -17,7 +17,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +121,22 @@ class ApiServer:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
+
+
+@contextmanager
+def served_in_process(app: Any) -> Iterator[str]:
+    """A Flask app served over real HTTP from a thread of this process; yields its URL.
+
+    For tests that need a served page but not a process of their own (no start-up, no model load).
+    """
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="served-in-process", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=30)
+        server.server_close()

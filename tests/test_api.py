@@ -190,6 +190,8 @@ def test_health_and_index_status(server, photos, openapi):
     assert health["status"] == "ok" and health["images"] == PHOTOS
     assert health["device"] == "cpu" and health["collection"] == "image_embeddings"
     assert health["model"].startswith("tiny-clip.pt#") and health["indexing"] == "done"
+    assert (health["max_top_k"], health["max_offset"], health["max_query_chars"]) == (200, 10000, 1000)
+    assert (health["max_upload_mb"], health["max_image_megapixels"]) == (MAX_UPLOAD_MB, MAX_IMAGE_MEGAPIXELS)
     assert_matches_schema(openapi, "Health", health)
     job = requests.get(f"{server.url}/index", timeout=10).json()
     assert job["state"] == "done" and job["total"] == job["done"] == PHOTOS
@@ -197,6 +199,38 @@ def test_health_and_index_status(server, photos, openapi):
     assert job["metadata_line"].startswith(f"metadata: {PHOTOS} records, {PHOTOS} matched")
     assert job["error"] is None and job["started_at"] <= job["finished_at"]
     assert_matches_schema(openapi, "IndexStatus", job)
+
+
+def test_get_root_reports_the_limits_that_requests_are_held_to(tmp_path, tiny_checkpoint, encoder, photos):
+    from api import create_app
+    from image_retrieval import ImageRetrieval
+
+    limits = {"MAX_TOP_K": 30, "MAX_OFFSET": 90, "MAX_QUERY_CHARS": 50, "MAX_QUERY_PARTS": 3}
+    settings = make_settings(tmp_path, photos[0], tiny_checkpoint, MAX_UPLOAD_MB=2.5, **limits)
+    with ImageRetrieval(settings, encoder=encoder, role="api") as engine:
+        client = create_app(settings, engine).test_client()
+        health = client.get("/").get_json()
+        document = client.get("/openapi.json").get_json()
+        answers = {
+            "top_k 30": client.post("/search", json={"query": "a dog", "top_k": 30}),
+            "top_k 31": client.post("/search", json={"query": "a dog", "top_k": 31}),
+            "offset 91": client.post("/search", json={"query": "a dog", "offset": 91}),
+            "51 chars": client.post("/search", json={"query": "d" * 51}),
+            "4 parts": client.post("/search", json={"parts": [{"text": "a dog"}] * 4}),
+        }
+    assert {name: health[name.lower()] for name in limits} == limits
+    assert health["max_upload_mb"] == 2.5 and health["max_previews"] == 24 and health["max_part_weight"] == 10
+    assert_matches_schema(document, "Health", health)
+    assert document["components"]["schemas"]["SearchRequest"]["properties"]["top_k"]["maximum"] == 30
+    assert {name: answer.status_code for name, answer in answers.items()} == {
+        "top_k 30": 200,
+        "top_k 31": 400,
+        "offset 91": 400,
+        "51 chars": 400,
+        "4 parts": 400,
+    }
+    assert "from 1 to 30" in answers["top_k 31"].get_json()["error"]
+    assert "0 to 90" in answers["offset 91"].get_json()["error"]
 
 
 def test_text_search_returns_ranked_thumbnails(server, photos, openapi):

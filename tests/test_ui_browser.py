@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import requests
-from api_server import ApiServer, free_port
+from api_server import ApiServer, free_port, served_in_process
 from conftest import make_settings
 
 from image_retrieval import ImageRetrieval, no_words_note
@@ -368,3 +368,23 @@ def test_no_results_and_api_errors_are_explained(page, server):
     assert error.status_code == 400
     message = page.locator('#status[data-kind="error"]').inner_text()
     assert message.startswith("The search failed: ") and error.json()["error"] in message
+
+
+def test_top_k_control_honours_a_smaller_max_top_k(page, tmp_path, tiny_checkpoint, encoder, ui_dataset):
+    from api import create_app
+
+    limited = make_settings(tmp_path, ui_dataset[0], tiny_checkpoint, MAX_TOP_K=7, MAX_QUERY_CHARS=40)
+    with ImageRetrieval(limited, encoder=encoder, role="api") as engine:
+        engine.index_folder()
+        with served_in_process(create_app(limited, engine)) as url:
+            page.goto(f"{url}/ui")
+            page.wait_for_selector("#api-status[data-state='up']")
+            assert page.get_attribute("#top-k", "max") == "7"
+            assert page.eval_on_selector("#query", "input => input.maxLength") == 40
+            page.fill("#query", "a photo")
+            page.fill("#top-k", "50")
+            with page.expect_request(lambda request: request.url.endswith("/search")) as sent:
+                wait_for_search(page, lambda: page.press("#query", "Enter"))
+            assert sent.value.post_data_json["top_k"] == 7
+            assert page.input_value("#top-k") == "7" and len(card_ids(page)) == 7
+            assert page.locator("#status").get_attribute("data-kind") == "results"

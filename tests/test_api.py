@@ -423,10 +423,11 @@ def test_openapi_document_describes_every_endpoint(openapi):
 
 def test_web_page_and_static_files(server):
     page = requests.get(f"{server.url}/ui", timeout=10)
-    if (ROOT / "index.html").is_file():
-        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
-    else:
-        assert page.status_code == 404 and "error" in page.json()
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert page.content == (ROOT / "index.html").read_bytes()
+    assert "<title>Image search</title>" in page.text and '<script src="static/app.js">' in page.text
+    script = requests.get(f"{server.url}/static/app.js", timeout=10)
+    assert script.status_code == 200 and script.content == (ROOT / "static" / "app.js").read_bytes()
     missing = requests.get(f"{server.url}/static/no-such-file.js", timeout=10)
     assert missing.status_code == 404 and "error" in missing.json()
     escape = requests.get(f"{server.url}/static/..%2Fconfig.py", timeout=10)

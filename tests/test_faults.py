@@ -215,6 +215,7 @@ class Clients:
     def __init__(self, url: str, count: int, searches: int, bodies: list[dict]) -> None:
         self.url, self.bodies = url, bodies
         self.latencies: list[float] = []
+        self.spans: list[tuple[float, float]] = []  # (sent, answered) of each search, time.monotonic()
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(index, searches)) for index in range(count)]
@@ -225,20 +226,49 @@ class Clients:
         session = requests.Session()
         for number in range(searches):
             body = self.bodies[(index + number) % len(self.bodies)]
-            started = time.perf_counter()
+            started = time.monotonic()
             try:
                 response = session.post(f"{self.url}/search", json=body, timeout=120)
                 error = None if response.status_code == 200 else f"{response.status_code}: {response.text}"
             except requests.RequestException as exception:
                 error = str(exception)
+            answered = time.monotonic()
             with self._lock:
-                self.latencies.append(time.perf_counter() - started)
+                self.latencies.append(answered - started)
+                self.spans.append((started, answered))
                 if error:
                     self.errors.append(error)
 
     def join(self) -> None:
         for thread in self.threads:
             thread.join()
+
+
+def watch_index(url: str, timeout: float = 600) -> list[tuple[float, float, dict]]:
+    """GET /index until the job ends: (sent, answered, status) of every poll, time.monotonic()."""
+    polls = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sent = time.monotonic()
+        job = requests.get(f"{url}/index", timeout=30).json()
+        polls.append((sent, time.monotonic(), job))
+        if job["state"] in ("done", "failed"):
+            return polls
+        time.sleep(0.1)
+    raise AssertionError("indexing did not finish")
+
+
+def searches_inside_the_job(polls: list[tuple[float, float, dict]], spans: list[tuple[float, float]]) -> int:
+    """Searches sent and answered while the job was surely running.
+
+    A job runs once and never returns to "running", so it ran all the time from the answer of the first
+    poll that saw it running to the sending of the last one that did.
+    """
+    running = [(sent, answered) for sent, answered, job in polls if job["state"] == "running"]
+    if len(running) < 2:
+        return 0
+    begin, end = running[0][1], running[-1][0]
+    return sum(1 for sent, answered in spans if begin <= sent and answered <= end)
 
 
 def test_concurrent_clients_while_indexing(tmp_path, tiny_checkpoint, coco_source):
@@ -262,16 +292,25 @@ def test_concurrent_clients_while_indexing(tmp_path, tiny_checkpoint, coco_sourc
             {"query": "people", "filters": "width >= 100", "offset": 5},
         ]
         started = requests.post(f"{server.url}/index", timeout=30)
-        assert started.status_code == 202
+        assert started.status_code == 202 and started.json()["state"] == "running"
         clients = Clients(server.url, CLIENTS, SEARCHES_PER_CLIENT, bodies)
-        job = wait_for_index(server.url)
-        searches_while_indexing = len(clients.latencies)
+        again = requests.post(f"{server.url}/index", timeout=30)
+        assert again.status_code == 409 and "already running" in again.json()["error"]
+        polls = watch_index(server.url)
         clients.join()
+        job = polls[-1][2]
+        assert requests.get(f"{server.url}/", timeout=10).json()["images"] == 80
+        for item in new[1:4]:
+            body = {"image": data_uri(dataset / item["image"]), "top_k": 1}
+            hit = requests.post(f"{server.url}/search", json=body, timeout=60).json()["results"][0]
+            assert hit["path"] == item["image"] and hit["score"] >= 0.999
     assert clients.errors == []
     assert len(clients.latencies) == CLIENTS * SEARCHES_PER_CLIENT
     assert job["state"] == "done" and job["summary"]["added"] == 60, job
+    overlapping = searches_inside_the_job(polls, clients.spans)
+    assert overlapping >= CLIENTS, f"only {overlapping} searches ran while the indexing job ran"
     p50, p95 = np.percentile(clients.latencies, [50, 95])
-    overlapped = f"{searches_while_indexing} of them while indexing ran"
+    overlapped = f"{overlapping} of them while indexing ran"
     print(
         f"\n{CLIENTS} clients x {SEARCHES_PER_CLIENT} searches: p50 {p50 * 1000:.0f} ms, "
         f"p95 {p95 * 1000:.0f} ms, 0 errors ({overlapped})"

@@ -51,16 +51,21 @@ from api_requests import (
     search_request_from_json,
 )
 from config import Settings, add_index_arguments, index_overrides, load_settings
-from image_io import ImageLoadError, thumbnail_jpeg
-from image_retrieval import (
-    ImageRetrieval,
+from errors import (
+    ImageLoadError,
+    IndexingRefused,
+    MetadataError,
     QueryError,
-    SearchResult,
+    StoreError,
+    StoreUnavailable,
     UnknownImage,
+    fail,
+    run_front_end,
 )
-from indexer import IndexingRefused, IndexProgress
-from metadata_import import MetadataError, normalised_records
-from store import StoreError, StoreUnavailable
+from image_io import thumbnail_jpeg
+from image_retrieval import ImageRetrieval, SearchResult
+from indexer import IndexProgress
+from metadata_import import normalised_records
 
 log = logging.getLogger("api")
 
@@ -265,7 +270,7 @@ class Api:
         return f"private, max-age={CACHE_SECONDS}"
 
     def health(self) -> dict[str, Any]:
-        self.engine.check_store()
+        self.engine.store.check()
         encoder = self.engine.encoder
         return {
             "status": "ok",
@@ -317,10 +322,7 @@ class Api:
         return thumbnail.data_uri if thumbnail else None
 
     def metadata(self, image_id: str) -> dict[str, Any]:
-        metadata = self.engine.catalog.metadata(image_id)
-        if metadata is None:
-            raise UnknownImage(image_id)
-        return metadata
+        return self.engine.metadata(image_id)
 
     def thumbnail(self, image_id: str, if_none_match: Any = None, size: int | None = None) -> ServedThumbnail:
         """The thumbnail of the image's file as it is now (opened once), cached while the file is unchanged.
@@ -682,10 +684,9 @@ def local_url(host: str, port: int) -> str:
 
 def announce_owner(engine: ImageRetrieval, url: str) -> None:
     """Tell other processes (embed_images.py) that this server owns the database, and where it is."""
-    if engine.db_lock is not None:
-        engine.db_lock.write_owner(
-            {**engine.db_lock.owner, "role": "api", "url": url, "dataset": str(engine.dataset_root)}
-        )
+    lock = engine.store.lock
+    if lock is not None:
+        lock.write_owner({**lock.owner, "role": "api", "url": url, "dataset": str(engine.dataset_root)})
 
 
 def serve(settings: Settings, engine: ImageRetrieval) -> None:
@@ -741,28 +742,21 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        settings = settings_from(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from clip_encoder import ModelLoadError
+    return run_front_end(
+        lambda: settings_from(args),
+        run_server,
+        log_format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
-    logging.basicConfig(level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def run_server(settings: Settings) -> int:
     if not is_loopback(settings.API_HOST) and not settings.API_TOKEN:
         log.warning("binding to %s without API_TOKEN: anyone who can reach it can search", settings.API_HOST)
-    try:
-        engine = ImageRetrieval(settings, role="api")
-    except (StoreError, ModelLoadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    try:
-        serve(settings, engine)
-    except OSError as error:
-        print(f"error: cannot listen on {settings.API_HOST}:{settings.API_PORT}: {error}", file=sys.stderr)
-        return 1
-    finally:
-        engine.close()
+    with ImageRetrieval(settings, role="api") as engine:
+        try:
+            serve(settings, engine)
+        except OSError as error:
+            return fail(f"cannot listen on {settings.API_HOST}:{settings.API_PORT}: {error}", 1)
     return 0
 
 

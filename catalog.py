@@ -62,11 +62,13 @@ class Catalog:
             self.keywords.put(list(zip(ids, metadatas, strict=True)))
 
     def update_metadata(self, ids: list[str], metadatas: list[dict[str, Any]]) -> None:
+        """Replace the metadata of the images this mirror has (others are skipped)."""
         with self._lock:
-            for image_id, metadata in zip(ids, metadatas, strict=True):
+            known = [(i, m) for i, m in zip(ids, metadatas, strict=True) if i in self._rows]
+            for image_id, metadata in known:
                 self._set_metadata(self._rows[image_id], metadata)
             self._version += 1
-        self.keywords.put(list(zip(ids, metadatas, strict=True)))
+        self.keywords.put(known)
 
     def remove(self, ids: Iterable[str]) -> None:
         ids = [image_id for image_id in ids if image_id in self._rows]

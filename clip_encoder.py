@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from threadpoolctl import ThreadpoolController
 
+from errors import ModelLoadError
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the clip package imports the deprecated pkg_resources
     import clip
@@ -31,10 +33,6 @@ log = logging.getLogger(__name__)
 IMAGE_RUNTIMES = ("torch", "onnx")
 # Where clip.load keeps the weights of a named model once downloaded (clip's own default).
 CLIP_CACHE_FOLDER = Path("~/.cache/clip").expanduser()
-
-
-class ModelLoadError(RuntimeError):
-    """The configured model name or checkpoint cannot be loaded."""
 
 
 def resolve_device(device: str) -> str:

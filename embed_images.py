@@ -19,6 +19,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import Settings, add_index_arguments, index_overrides, load_settings
+from errors import DatabaseBusy, fail, run_front_end
 
 log = logging.getLogger("embed_images")
 POLL_SECONDS = 0.5
@@ -149,32 +150,21 @@ def _error_text(response: requests.Response) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        settings = settings_from(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from clip_encoder import ModelLoadError
-    from image_retrieval import IndexingRefused, StoreError
-    from metadata_import import MetadataError
-    from store import DatabaseBusy
+    return run_front_end(lambda: settings_from(args), lambda settings: index(settings, args))
 
-    logging.basicConfig(level=settings.LOG_LEVEL, format="%(levelname)s %(name)s: %(message)s")
+
+def index(settings: Settings, args: argparse.Namespace) -> int:
+    """Index here, or through the API server that owns the database."""
     try:
         with logging_redirect_tqdm():  # log lines ("skipped ...") go above the progress bar, not into it
             return index_locally(settings, args)
     except DatabaseBusy as busy:
-        if busy.owner.get("role") == "api" and busy.owner.get("url"):
-            try:
-                return index_through_server(busy.owner, settings, args)
-            except requests.RequestException as error:
-                print(f"error: cannot reach the API server: {error}", file=sys.stderr)
-                return 1
-        print(f"error: {busy}", file=sys.stderr)
-        return 1
-    except (StoreError, ModelLoadError, IndexingRefused, MetadataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        if busy.owner.get("role") != "api" or not busy.owner.get("url"):
+            raise
+        try:
+            return index_through_server(busy.owner, settings, args)
+        except requests.RequestException as error:
+            return fail(f"cannot reach the API server: {error}", 1)
     except KeyboardInterrupt:
         print("interrupted: what was encoded so far is kept; run again to finish", file=sys.stderr)
         return 130

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from config import load_settings
+from config import Settings, load_settings
+from errors import EngineError, run_front_end
 
 log = logging.getLogger("evaluate")
 KS = (1, 5, 10)
@@ -36,7 +37,7 @@ TEXT_BATCH = 256
 QUERY_BLOCK = 512
 
 
-class CaptionFileError(ValueError):
+class CaptionFileError(EngineError, ValueError):
     """A captions file that cannot be read; the message says why."""
 
 
@@ -211,7 +212,7 @@ def _captions_from_official_coco(data: dict[str, Any], path: Path) -> dict[str, 
 
 def indexed_ids(engine: Any, images: list[str]) -> dict[str, str]:
     """The engine's id of each captioned image, matched by relative path, else by unique file name."""
-    by_path = {metadata["path"]: image_id for image_id, metadata in engine.catalog.items()}
+    by_path = {metadata["path"]: image_id for image_id, metadata in engine.images()}
     by_name: dict[str, list[str]] = {}
     for relative, image_id in by_path.items():
         by_name.setdefault(Path(relative).name, []).append(image_id)
@@ -254,7 +255,7 @@ def evaluate(
     owned = {
         image_id: {i for i, (owner, _) in enumerate(pairs) if owner == image_id} for image_id in image_ids
     }
-    ranked_captions = top_k_rows(engine.catalog.vectors(image_ids), text_vectors, depth)
+    ranked_captions = top_k_rows(engine.vectors(image_ids), text_vectors, depth)
     image_to_text = recall_at_k(ranked_captions, [owned[image_id] for image_id in image_ids], ks)
     return Evaluation(
         images=len(image_ids),
@@ -279,19 +280,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace, db: str) -> Evaluation:
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        DATASET_FOLDER=str(args.images),
+        CHROMA_DB_PATH=args.db,
+        MODEL_NAME=args.model,
+        DEVICE=args.device,
+        BATCH_SIZE=args.batch_size,
+    )
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    """Evaluate into the --db folder, else into a temporary one; print (and save) the table."""
+    if args.db:
+        result = evaluate_folder(settings, args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="evaluate-") as db:
+            result = evaluate_folder(settings.with_overrides(CHROMA_DB_PATH=db), args)
+    print(result.table())
+    if args.json:
+        args.json.write_text(json.dumps(result.as_dict(), indent=2))
+    return 0
+
+
+def evaluate_folder(settings: Settings, args: argparse.Namespace) -> Evaluation:
     captions = load_captions(args.captions)
     if not args.images.is_dir():
         raise CaptionFileError(f"the images folder {args.images} does not exist")
     from image_retrieval import ImageRetrieval
 
-    settings = load_settings(
-        DATASET_FOLDER=str(args.images),
-        CHROMA_DB_PATH=db,
-        MODEL_NAME=args.model,
-        DEVICE=args.device,
-        BATCH_SIZE=args.batch_size,
-    )
     with ImageRetrieval(settings, role="evaluate") as engine:
         summary = engine.index_folder()
         log.info("indexed: %s", summary.line())
@@ -300,23 +317,9 @@ def run(args: argparse.Namespace, db: str) -> Evaluation:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from clip_encoder import ModelLoadError
-    from image_retrieval import IndexingRefused, StoreError
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.db:
-            result = run(args, args.db)
-        else:
-            with tempfile.TemporaryDirectory(prefix="evaluate-") as db:
-                result = run(args, db)
-    except (CaptionFileError, StoreError, ModelLoadError, IndexingRefused, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(result.table())
-    if args.json:
-        args.json.write_text(json.dumps(result.as_dict(), indent=2))
-    return 0
+    return run_front_end(
+        lambda: settings_from(args), lambda settings: run(settings, args), log_level=logging.WARNING
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from errors import FilterError
+
 OPERATORS = {
     "=": "$eq",
     "==": "$eq",
@@ -46,10 +48,6 @@ _WORD = re.compile(r"""(?:"(?:[^"\\]|\\.)*"|'[^']*'|\\.|[^\s"'\\])+""", re.DOTAL
 _PIECE = re.compile(r""""((?:[^"\\]|\\.)*)"|'([^']*)'|\\(.)|([^"'\\]+)""", re.DOTALL)
 _SPACE = re.compile(r"\s*")
 _COMPACT = re.compile(r"^([^=!<>]+)(==|!=|>=|<=|=|>|<)(.+)$", re.DOTALL)
-
-
-class FilterError(ValueError):
-    """A filter that cannot be understood, with what is wrong in words."""
 
 
 @dataclass(frozen=True)

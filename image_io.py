@@ -22,6 +22,8 @@ import numpy as np
 import pillow_heif
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from errors import ImageLoadError
+
 # HEIC/HEIF (iPhone photos) through pillow-heif; AVIF through Pillow's own plugin (Pillow >= 11.3).
 pillow_heif.register_heif_opener()
 IMAGE_EXTENSIONS = frozenset(
@@ -51,10 +53,6 @@ ImageSource = Path | bytes | BinaryIO
 log = logging.getLogger(__name__)
 
 Image.MAX_IMAGE_PIXELS = None  # the megapixel limit is enforced by `open_image` itself
-
-
-class ImageLoadError(ValueError):
-    """A file that cannot be used as an image, with the reason in words."""
 
 
 # Bytes a decoded pixel takes in Pillow's memory, by mode; every other mode takes 4.

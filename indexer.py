@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from errors import IndexingRefused
 from image_io import ImageLoadError, decode_for_model, file_hash, find_images
 from photo_metadata import PHOTO_FIELDS, PHOTO_METADATA_VERSION, photo_fields, read_photo_fields
 from store import batched
 
 if TYPE_CHECKING:
-    from image_retrieval import ImageRetrieval
+    from clip_encoder import ClipEncoder
+    from config import Settings
+    from store import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +53,6 @@ SYSTEM_FIELDS = frozenset(
 )
 
 ProgressCallback = Callable[["IndexProgress"], None]
-
-
-class IndexingRefused(RuntimeError):
-    """Indexing would lose data or mix things that must not be mixed; the message says why."""
 
 
 def image_id(relative_path: str) -> str:
@@ -136,12 +135,19 @@ class Plan:
 
 
 class Indexer:
-    """One run of incremental indexing of the engine's dataset folder."""
+    """One run of incremental indexing of the dataset folder into the store."""
 
-    def __init__(self, engine: ImageRetrieval, on_progress: ProgressCallback | None = None) -> None:
-        self.engine = engine
-        self.settings = engine.settings
-        self.root = engine.dataset_root
+    def __init__(
+        self,
+        store: VectorStore,
+        encoder: ClipEncoder,
+        settings: Settings,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self.store = store
+        self.encoder = encoder
+        self.settings = settings
+        self.root = Path(settings.DATASET_FOLDER).resolve()
         self.summary = IndexSummary()
         self.progress = IndexProgress()
         self._on_progress = on_progress or (lambda progress: None)
@@ -149,7 +155,7 @@ class Indexer:
     def run(self) -> IndexSummary:
         started = time.monotonic()
         files = self._scan()
-        known = {meta["path"]: (image_id_, meta) for image_id_, meta in self.engine.catalog.items()}
+        known = {meta["path"]: (image_id_, meta) for image_id_, meta in self.store.items()}
         if not files and known:
             raise IndexingRefused(
                 f"{self.root} holds no images, but the index has {len(known)}: refusing to remove them "
@@ -240,16 +246,16 @@ class Indexer:
     def _apply_copies(self, copies: list[tuple[FileOnDisk, str, bool]]) -> None:
         for chunk in batched(copies, self.settings.BATCH_SIZE):
             sources = [source for _, source, _ in chunk]
-            vectors = self.engine.catalog.vectors(sources)
+            vectors = self.store.vectors(sources)
             metadatas = []
             for file, source, _ in chunk:
-                old = self.engine.catalog.metadata(source) or {}
+                old = self.store.metadata(source) or {}
                 self.summary.refreshed += not _photo_fields_current(old)
                 photo = self._photo_facts(file, old)
                 metadatas.append(_file_metadata(file, old) | _facts_of(old) | photo | _custom_fields(old))
-            self.engine.write([image_id(file.relative) for file, _, _ in chunk], vectors, metadatas)
+            self.store.write([image_id(file.relative) for file, _, _ in chunk], vectors, metadatas)
             moved = [source for _, source, is_move in chunk if is_move]
-            self.engine.delete(moved)
+            self.store.delete(moved)
             self.summary.moved += len(moved)
             self.summary.added += len(chunk) - len(moved)
 
@@ -258,21 +264,21 @@ class Indexer:
             ids = [stored_id for stored_id, _ in chunk]
             metadatas = []
             for stored_id, file in chunk:
-                old = self.engine.catalog.metadata(stored_id) or {}
+                old = self.store.metadata(stored_id) or {}
                 self.summary.refreshed += not _photo_fields_current(old)
                 photo = self._photo_facts(file, old)
                 metadatas.append(_without_photo_fields(old) | _file_metadata(file, old) | photo)
-            self.engine.update_metadata(ids, metadatas)
+            self.store.update_metadata(ids, metadatas)
 
     def _apply_refreshes(self, refreshes: list[tuple[str, FileOnDisk]]) -> None:
         """Unchanged files whose records lack the current photo fields: read them from EXIF alone."""
         for chunk in batched(refreshes, self.settings.BATCH_SIZE):
-            olds = [self.engine.catalog.metadata(stored_id) or {} for stored_id, _ in chunk]
+            olds = [self.store.metadata(stored_id) or {} for stored_id, _ in chunk]
             with ThreadPoolExecutor(self.settings.LOADER_THREADS) as pool:
                 photos = list(pool.map(self._photo_facts, [file for _, file in chunk], olds))
             metadatas = [_without_photo_fields(old) | photo for old, photo in zip(olds, photos, strict=True)]
             self.summary.refreshed += sum(1 for old in olds if not _photo_fields_current(old))
-            self.engine.update_metadata([stored_id for stored_id, _ in chunk], metadatas)
+            self.store.update_metadata([stored_id for stored_id, _ in chunk], metadatas)
 
     def _photo_facts(self, file: FileOnDisk, old: dict[str, Any]) -> dict[str, Any]:
         """The stored photo fields when current, else those read now from the file's EXIF block."""
@@ -292,12 +298,12 @@ class Indexer:
                 if pixels is not None
             ]
             if good:
-                vectors = self.engine.encoder.encode_pixels(torch.stack([item[2] for item in good]))
+                vectors = self.encoder.encode_pixels(torch.stack([item[2] for item in good]))
                 metadatas = []
                 for file, is_update, _, facts in good:
                     old = known.get(file.relative, (None, {}))[1] if is_update else {}
                     metadatas.append(_file_metadata(file, old) | facts | _custom_fields(old))
-                self.engine.write([image_id(item[0].relative) for item in good], vectors, metadatas)
+                self.store.write([image_id(item[0].relative) for item in good], vectors, metadatas)
                 self.summary.encoded += len(good)
                 self.summary.updated += sum(1 for item in good if item[1])
                 self.summary.added += sum(1 for item in good if not item[1])
@@ -325,7 +331,7 @@ class Indexer:
                 yield [future.result() for future in futures]
 
     def _load(self, file: FileOnDisk, is_update: bool) -> tuple[FileOnDisk, bool, Any, dict[str, Any]]:
-        encoder = self.engine.encoder
+        encoder = self.encoder
         try:
             image, facts = decode_for_model(
                 file.path, encoder.input_resolution, self.settings.MAX_IMAGE_MEGAPIXELS
@@ -352,7 +358,7 @@ class Indexer:
         )
 
     def _remove(self, ids: list[str]) -> None:
-        self.engine.delete(ids)
+        self.store.delete(ids)
         self.summary.removed += len(ids)
 
     def _fail(self, relative: str, reason: str) -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from config import Settings, add_index_arguments, index_overrides, load_settings
+from errors import DatabaseBusy, FilterError, QueryError, StoreError, UnknownImage, fail, run_front_end
 
 if TYPE_CHECKING:
     from image_retrieval import Hit, ImageRetrieval, QueryPart, SearchResult
-    from store import DatabaseBusy
 
 PROMPT = "search> "
 MODES = ("vector", "keyword", "hybrid")
@@ -102,7 +102,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def options_from(args: argparse.Namespace, settings: Settings) -> Options:
     """The session's starting options from the flags; CommandError names a bad one."""
-    from filters import FilterError, parse_filter
+    from filters import parse_filter
 
     try:
         parse_filter(args.filter)
@@ -213,8 +213,6 @@ class Session:
         )
 
     def file_of(self, hit: Hit) -> Path | None:
-        from image_retrieval import UnknownImage
-
         try:
             return self.engine.image_path(hit.id)
         except UnknownImage:
@@ -224,10 +222,6 @@ class Session:
 
     def handle(self, line: str) -> bool:
         """Carry out one line typed at the prompt; False when the session should end."""
-        from filters import FilterError
-        from image_retrieval import QueryError, UnknownImage
-        from store import StoreError
-
         line = line.strip()
         if not line:
             return True
@@ -235,7 +229,7 @@ class Session:
             return False
         try:
             self.dispatch(line)
-        except (CommandError, QueryError, UnknownImage, FilterError, StoreError) as error:
+        except (CommandError, QueryError, UnknownImage, StoreError) as error:
             print(f"error: {error}", file=sys.stderr)
         except OSError as error:
             print(f"error: cannot save the grid: {error}", file=sys.stderr)
@@ -439,7 +433,6 @@ def save_history(history: Path) -> None:
 def open_engine(settings: Settings) -> ImageRetrieval:
     """The engine over an existing, non-empty index; StoreError says what to run otherwise."""
     from image_retrieval import ImageRetrieval
-    from store import StoreError
 
     engine = ImageRetrieval(settings, role="repl", create=False)
     if engine.count() == 0:
@@ -481,35 +474,29 @@ def one_shot_label(args: argparse.Namespace) -> str:
 
 
 def run_once(session: Session, args: argparse.Namespace) -> int:
-    from image_retrieval import QueryError, UnknownImage
-
     try:
         session.search(one_shot_parts(args), one_shot_label(args))
     except (CommandError, QueryError, UnknownImage) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error, 2)
     except OSError as error:
-        print(f"error: cannot save the grid: {error}", file=sys.stderr)
-        return 1
+        return fail(f"cannot save the grid: {error}", 1)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        settings = settings_from(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.LOG_LEVEL if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+    return run_front_end(
+        lambda: settings_from(args),
+        lambda settings: start(settings, args),
+        log_level=None if args.verbose else logging.WARNING,
     )
+
+
+def start(settings: Settings, args: argparse.Namespace) -> int:
     try:
         options = options_from(args, settings)
     except CommandError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error, 2)
     one_shot = args.query is not None or args.image is not None
     try:
         return run(settings, options, args if one_shot else None)
@@ -519,17 +506,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(settings: Settings, options: Options, one_shot: argparse.Namespace | None) -> int:
-    from clip_encoder import ModelLoadError
-    from store import DatabaseBusy, StoreError
-
     try:
         engine = open_engine(settings)
     except DatabaseBusy as busy:
-        print(f"error: {busy_message(busy)}", file=sys.stderr)
-        return 1
-    except (StoreError, ModelLoadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return fail(busy_message(busy), 1)
     with engine:
         session = Session(engine, options)
         return run_once(session, one_shot) if one_shot else run_prompt(session)

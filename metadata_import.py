@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from errors import MetadataError, MetadataFileError
+
 if TYPE_CHECKING:
     from config import Settings
 
@@ -30,14 +32,6 @@ PATH_KEYS = ("path", "image", "file", "filename")
 RESERVED_PREFIXES = ("#", "$", "chroma:")
 INT64_LIMIT = 2**63
 Where = Callable[[int], str]
-
-
-class MetadataError(ValueError):
-    """Custom metadata that cannot be stored, with what is wrong and where."""
-
-
-class MetadataFileError(MetadataError):
-    """A metadata file that cannot be read, with the reason."""
 
 
 @dataclass(frozen=True)

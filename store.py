@@ -1,4 +1,21 @@
-"""The ChromaDB side: opening the client (embedded or server), the collection and its records.
+"""The store: ChromaDB (embedded or server) and the in-memory mirror of its collection, in step.
+
+`VectorStore` owns both, and these rules between them:
+
+- Chroma is the store of record. The mirror (catalog.py: vectors, metadata, keyword index) is a copy
+  that answers what the HNSW graph cannot: filters, exact cosine over a subset, vectors by id.
+- Every write (`write`, `update_metadata`, `delete`) happens under one lock, in one order: Chroma
+  first, then the mirror, then the collection's stamp (a random token in its metadata). A write that
+  Chroma refuses changes nothing else.
+- Readers take one `StoreView` (collection, mirror, stamp) and use it for a whole query; they skip ids
+  the mirror lacks (an id Chroma's graph returns that was just deleted, or written by another process).
+- In server mode other processes write too. A mirror whose stamp differs from the collection's is
+  stale: it is rebuilt aside, on a background thread, while searches keep using the old one; the
+  writes this process makes meanwhile are replayed onto the new mirror, which is then swapped in with
+  one assignment under the write lock, never while a write is half done.
+- A process's own write keeps its mirror's stamp current only when the collection still carried that
+  stamp just before the write; otherwise another process wrote, the stamp stays old and the mirror is
+  rebuilt.
 
 Chroma's embedded client is not built for several processes on one database folder, so an embedded
 database is only ever opened by one process at a time: the owner holds an exclusive lock on
@@ -10,16 +27,32 @@ the database itself (see embed_images.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
 import os
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from catalog import Catalog
 from config import Settings
+from errors import (
+    DamagedStore,
+    DatabaseBusy,
+    IndexingRefused,
+    ModelMismatch,
+    StoreError,
+    StoreUnavailable,
+)
+from filters import Filter
+from keywords import KeywordHit
 
 if TYPE_CHECKING:
     import chromadb
@@ -28,26 +61,8 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 OWNER_FILE = "owner.json"
-
-
-class StoreError(RuntimeError):
-    """The database cannot be used as asked; the message says why and what to do."""
-
-
-class StoreUnavailable(StoreError):
-    """The Chroma server cannot be reached (server mode); worth retrying later."""
-
-
-class DamagedStore(StoreError):
-    """Chroma cannot apply a write it has already accepted: nothing more can be read or written."""
-
-
-class DatabaseBusy(StoreError):
-    """Another process owns the embedded database."""
-
-    def __init__(self, message: str, owner: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.owner = owner
+# How often a server-mode reader asks the collection whether another process wrote to it.
+STALE_CHECK_SECONDS = 1.0
 
 
 class DatabaseLock:
@@ -184,3 +199,348 @@ def _is_connection_error(error: Exception) -> bool:
 def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def lock_database(settings: Settings, role: str, create: bool = True) -> DatabaseLock | None:
+    """Take the embedded database's lock for this process (None in server mode)."""
+    if settings.server_mode:
+        return None
+    db_path = Path(settings.CHROMA_DB_PATH)
+    if not create and not db_path.is_dir():
+        raise StoreError(f"no index at {settings.CHROMA_DB_PATH}: run `python embed_images.py` first")
+    lock = DatabaseLock(db_path, role)
+    lock.acquire()
+    return lock
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreView:
+    """One consistent state for a reader: the collection, its mirror and the stamp the mirror reflects."""
+
+    collection: Any
+    catalog: Catalog
+    stamp: str
+
+    def nearest(self, vector: np.ndarray, count: int, settings: Settings) -> list[str]:
+        """Up to `count` ids nearest to `vector` by the HNSW graph, best first; ids the mirror lacks are
+        skipped."""
+        count = min(count, len(self.catalog))
+        if count <= 0:
+            return []
+        with translated_errors(settings):
+            found = self.collection.query(query_embeddings=[vector], n_results=count, include=[])
+        return [image_id for image_id in found["ids"][0] if image_id in self.catalog]
+
+
+Change = Callable[[Catalog], None]
+
+
+class VectorStore:
+    """The collection and its mirror, kept in step by the rules in this module's docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: str,
+        dim: int,
+        *,
+        lock: DatabaseLock | None = None,
+        rebuild: bool = False,
+        create: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.dim = dim
+        self.lock = lock
+        self._write_lock = threading.Lock()
+        self._rebuild_lock = threading.Lock()
+        self._rebuilder: threading.Thread | None = None
+        self._journal: list[Change] | None = None
+        self._last_stale_check = time.monotonic()
+        try:
+            self.client = open_client(settings)
+            with translated_errors(settings):
+                self._view = self._read_view(self._open_collection(rebuild, create))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        rebuilder = self._rebuilder
+        if rebuilder is not None:
+            rebuilder.join()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- opening and checking --------------------------------------------------------------------
+
+    def _open_collection(self, rebuild: bool, create: bool) -> Any:
+        name = self.settings.COLLECTION_NAME
+        existing = {collection.name for collection in self.client.list_collections()}
+        if rebuild and name in existing:
+            log.warning("--rebuild: deleting collection %s", name)
+            self.client.delete_collection(name)
+            existing.discard(name)
+        if name not in existing:
+            if not create:
+                raise StoreError(f"no collection {name!r} yet: run `python embed_images.py` first")
+            return self.client.create_collection(
+                name,
+                embedding_function=None,
+                configuration=hnsw_configuration(self.settings),
+                metadata=self._collection_metadata(new_stamp()),
+            )
+        collection = self.client.get_collection(name, embedding_function=None)
+        self._apply_ef_search(collection)
+        recorded = (collection.metadata or {}).get("model")
+        if recorded and recorded != self.model and collection.count() > 0:
+            raise ModelMismatch(
+                f"collection {name!r} was built with model {recorded!r} "
+                f"({(collection.metadata or {}).get('dim')}-d), but the configured model is "
+                f"{self.model!r}: set MODEL_NAME to the collection's model, choose another "
+                "COLLECTION_NAME, or run `python embed_images.py --rebuild` to re-index everything"
+            )
+        return collection
+
+    def _apply_ef_search(self, collection: Any) -> None:
+        """HNSW_EF_SEARCH is a query-time setting: bring an existing collection in line with it."""
+        current = (collection.configuration or {}).get("hnsw") or {}
+        if current.get("ef_search") not in (None, self.settings.HNSW_EF_SEARCH):
+            log.info(
+                "collection %s: ef_search %s -> %s",
+                collection.name,
+                current["ef_search"],
+                self.settings.HNSW_EF_SEARCH,
+            )
+            collection.modify(configuration={"hnsw": {"ef_search": self.settings.HNSW_EF_SEARCH}})
+
+    def _collection_metadata(self, stamp: str) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dim": self.dim,
+            "dataset": str(Path(self.settings.DATASET_FOLDER).resolve()),
+            "stamp": stamp,
+        }
+
+    def check_dataset(self, root: Path) -> None:
+        """Refuse to index `root` into a collection that indexes another folder."""
+        if not root.is_dir():
+            raise IndexingRefused(f"the dataset folder {self.settings.DATASET_FOLDER} does not exist")
+        recorded = self.recorded().get("dataset")
+        if recorded and recorded != str(root) and len(self) > 0:
+            raise IndexingRefused(
+                f"collection {self.settings.COLLECTION_NAME!r} indexes {recorded}, not "
+                f"{root}: choose another COLLECTION_NAME or CHROMA_DB_PATH, or run with "
+                "--rebuild to re-index from the new folder"
+            )
+
+    def check(self) -> None:
+        """Raise `StoreUnavailable` when the Chroma server does not answer now; refresh the mirror."""
+        if self.settings.server_mode:
+            with translated_errors(self.settings):
+                self.client.heartbeat()
+        self.refresh_if_stale()
+
+    # -- the mirror ------------------------------------------------------------------------------
+
+    def _read_view(self, collection: Any) -> StoreView:
+        """A new mirror of `collection`, with the stamp the collection had before it was read."""
+        stamp = (collection.metadata or {}).get("stamp", "")
+        catalog = Catalog(self.dim)
+        page = self.client.get_max_batch_size()
+        offset = 0
+        while True:
+            records = collection.get(include=["embeddings", "metadatas"], limit=page, offset=offset)
+            if not records["ids"]:
+                break
+            catalog.put(
+                list(records["ids"]),
+                np.asarray(records["embeddings"], dtype=np.float32),
+                list(records["metadatas"]),
+                keywords=False,
+            )
+            offset += len(records["ids"])
+        catalog.keywords.build_in_background(catalog.items())
+        log.info("collection %s: %d images", self.settings.COLLECTION_NAME, len(catalog))
+        return StoreView(collection, catalog, stamp)
+
+    def _stored_stamp(self) -> str:
+        collection = self.client.get_collection(self.settings.COLLECTION_NAME, embedding_function=None)
+        return (collection.metadata or {}).get("stamp", "")
+
+    def refresh_if_stale(self, wait: bool = False) -> None:
+        """Server mode: when another process wrote to the collection, rebuild the mirror in the
+        background (searches keep the old one meanwhile). With `wait`, check now and return once the
+        mirror reflects the collection as it was at the call."""
+        if not self.settings.server_mode:
+            return
+        now = time.monotonic()
+        if not wait and now - self._last_stale_check < STALE_CHECK_SECONDS:
+            return
+        self._last_stale_check = now
+        for _ in range(3):  # a rebuild that was already running may predate the newest write
+            with translated_errors(self.settings):
+                if self._stored_stamp() == self._view.stamp:
+                    return
+            rebuilder = self._start_rebuild()
+            if not wait:
+                return
+            rebuilder.join()
+
+    def _start_rebuild(self) -> threading.Thread:
+        """The rebuild thread: the one running, or a new one."""
+        with self._rebuild_lock:
+            if self._rebuilder is None:
+                self._rebuilder = threading.Thread(target=self._rebuild, name="mirror-rebuild", daemon=True)
+                self._rebuilder.start()
+            return self._rebuilder
+
+    def _rebuild(self) -> None:
+        """Read a new mirror aside, replay this process's writes made meanwhile, swap it in."""
+        try:
+            with self._write_lock:
+                self._journal = []
+            with translated_errors(self.settings):
+                collection = self.client.get_collection(
+                    self.settings.COLLECTION_NAME, embedding_function=None
+                )
+                view = self._read_view(collection)
+            with self._write_lock:
+                for change in self._journal:
+                    change(view.catalog)
+                self._view = view
+        except Exception as error:
+            log.warning("cannot reload the collection, searches keep the previous state: %s", error)
+        finally:
+            with self._write_lock:
+                self._journal = None
+            with self._rebuild_lock:
+                self._rebuilder = None
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def write(self, ids: list[str], vectors: np.ndarray, metadatas: list[dict[str, Any]]) -> None:
+        """Store vectors and metadata (insert or replace)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        with self._write_lock, translated_errors(self.settings):
+            collection = self._view.collection
+            stored = self._replacing(ids, metadatas)
+            for chunk in batched(list(range(len(ids))), self.client.get_max_batch_size()):
+                collection.upsert(
+                    ids=[ids[i] for i in chunk],
+                    embeddings=vectors[chunk],
+                    metadatas=[stored[i] for i in chunk],
+                )
+            self._apply(lambda catalog: catalog.put(ids, vectors, metadatas))
+            self._bump_stamp()
+
+    def update_metadata(self, ids: list[str], metadatas: list[dict[str, Any]]) -> None:
+        """Replace the metadata of stored images (their vectors stay)."""
+        with self._write_lock, translated_errors(self.settings):
+            collection = self._view.collection
+            stored = self._replacing(ids, metadatas)
+            for chunk in batched(list(range(len(ids))), self.client.get_max_batch_size()):
+                collection.update(ids=[ids[i] for i in chunk], metadatas=[stored[i] for i in chunk])
+            self._apply(lambda catalog: catalog.update_metadata(ids, metadatas))
+            self._bump_stamp()
+
+    def delete(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        with self._write_lock, translated_errors(self.settings):
+            collection = self._view.collection
+            for chunk in batched(ids, self.client.get_max_batch_size()):
+                collection.delete(ids=chunk)
+            self._apply(lambda catalog: catalog.remove(ids))
+            self._bump_stamp()
+
+    def _apply(self, change: Change) -> None:
+        """Apply a write to the mirror, and keep it for a mirror being rebuilt."""
+        change(self._view.catalog)
+        if self._journal is not None:
+            self._journal.append(change)
+
+    def _replacing(self, ids: list[str], metadatas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chroma metadata that replaces the stored one: Chroma merges, so a field the image had and has
+        no more (a GPS position gone from an edited photo) is sent as None, which deletes it."""
+        catalog = self._view.catalog
+        before = {image_id: catalog.metadata(image_id) for image_id in ids}
+        unseen = [image_id for image_id, metadata in before.items() if metadata is None]
+        if unseen and self.settings.server_mode:  # written by another process since the mirror was read
+            for chunk in batched(unseen, self.client.get_max_batch_size()):
+                found = self._view.collection.get(ids=chunk, include=["metadatas"])
+                before.update(zip(found["ids"], found["metadatas"], strict=True))
+        replacing = []
+        for image_id, metadata in zip(ids, metadatas, strict=True):
+            storable = _storable(metadata)
+            old = before[image_id] or {}
+            replacing.append(storable | {key: None for key in old if key not in storable})
+        return replacing
+
+    def _bump_stamp(self) -> None:
+        """Give the collection a new stamp; the mirror takes it only when it was in step before."""
+        view = self._view
+        in_step = not self.settings.server_mode or self._stored_stamp() == view.stamp
+        stamp = new_stamp()
+        view.collection.modify(metadata=self._collection_metadata(stamp))
+        if in_step:
+            self._view = dataclasses.replace(view, stamp=stamp)
+        else:
+            self._last_stale_check = 0.0
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def view(self) -> StoreView:
+        """The current state, for a reader that needs one consistent state for a whole query."""
+        return self._view
+
+    def __len__(self) -> int:
+        return len(self._view.catalog)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._view.catalog
+
+    def metadata(self, image_id: str) -> dict[str, Any] | None:
+        return self._view.catalog.metadata(image_id)
+
+    def vector(self, image_id: str) -> np.ndarray | None:
+        return self._view.catalog.vector(image_id)
+
+    def vectors(self, ids: list[str], missing_ok: bool = False) -> np.ndarray:
+        return self._view.catalog.vectors(ids, missing_ok)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        """(id, metadata) of every image in the mirror."""
+        return self._view.catalog.items()
+
+    def mask(self, image_filter: Filter | None) -> np.ndarray:
+        return self._view.catalog.mask(image_filter)
+
+    def field_names(self) -> frozenset[str]:
+        return self._view.catalog.field_names()
+
+    def keyword_search(self, text: str, limit: int | None = None) -> list[KeywordHit]:
+        return self._view.catalog.keywords.search(text, limit)
+
+    def recorded(self) -> dict[str, Any]:
+        """What the collection records about itself: model, dim, dataset folder, stamp."""
+        return dict(self._view.collection.metadata or {})
+
+    def stored_count(self) -> int:
+        """How many records Chroma itself holds (the mirror's count is `len`)."""
+        with translated_errors(self.settings):
+            return self._view.collection.count()
+
+
+def _storable(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata as Chroma stores it: no None values and no empty lists."""
+    return {key: value for key, value in metadata.items() if value is not None and value != []}

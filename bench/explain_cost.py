@@ -61,7 +61,7 @@ def main() -> None:
         )
         with ImageRetrieval(settings) as engine:
             engine.index_folder()
-            ids = [image_id for image_id, _ in engine.catalog.items()][: args.images]
+            ids = [image_id for image_id, _ in engine.images()][: args.images]
             paths = [engine.image_path(image_id) for image_id in ids]
             query = [QueryPart(text="a dog on a beach")]
             engine.explain(ids[0], query, grid=2)

@@ -82,7 +82,9 @@ def measure(
         result = engine.search(SearchQuery([part], top_k=K, filters=spec, collapse_duplicates=False))
         engine_recalls.append(recall([hit.id for hit in result.hits], truth))
         with Stopwatch() as watch:
-            raw = engine.collection.query(query_embeddings=[vector], n_results=K + 1, where=where, include=[])
+            raw = engine.store.view().collection.query(
+                query_embeddings=[vector], n_results=K + 1, where=where, include=[]
+            )
         chroma_ms.append(watch.seconds * 1000)
         chroma_recalls.append(recall([i for i in raw["ids"][0] if i != part.id], truth))
     return float(np.mean(engine_recalls)), float(np.mean(chroma_recalls)), percentile(chroma_ms, 50)

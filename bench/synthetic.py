@@ -101,7 +101,7 @@ def build(collection: SyntheticCollection) -> None:
     with ImageRetrieval(collection.settings(), role="bench", rebuild=True) as engine:
         for start in range(0, collection.size, WRITE_CHUNK):
             chunk = slice(start, start + WRITE_CHUNK)
-            engine.write(collection.ids[chunk], collection.vectors[chunk], metadatas[chunk])
+            engine.store.write(collection.ids[chunk], collection.vectors[chunk], metadatas[chunk])
             log.warning(
                 "collection %d: %d written", collection.size, min(start + WRITE_CHUNK, collection.size)
             )

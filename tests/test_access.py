@@ -220,7 +220,8 @@ def test_a_failed_weight_download_says_what_to_do(monkeypatch, tmp_path):
     import clip.clip
 
     import clip_encoder
-    from clip_encoder import ClipEncoder, ModelLoadError
+    from clip_encoder import ClipEncoder
+    from errors import ModelLoadError
 
     real_url = clip.clip._MODELS["ViT-B/32"]
     unreachable = real_url.replace("openaipublic.azureedge.net", "weights.invalid")

@@ -76,7 +76,7 @@ def test_indexing_keeps_or_skips_each_file_with_its_reason(corpus, encoder):
         assert re.search(rf"skipped {re.escape(item.name)}: .*{item.reason}", first.stderr), item.name
     assert failed_count(first.stdout) == len(skipped)
     with ImageRetrieval(settings) as engine:
-        stored = {metadata["path"]: image_id_ for image_id_, metadata in engine.catalog.items()}
+        stored = {metadata["path"]: image_id_ for image_id_, metadata in engine.store.items()}
         assert sorted(stored) == sorted(item.name for item in files if item.indexed)
         for item in files:
             if item.indexed:
@@ -88,11 +88,11 @@ def test_indexing_keeps_or_skips_each_file_with_its_reason(corpus, encoder):
 
 
 def assert_indexed_correctly(engine: ImageRetrieval, stored_id: str, item: CorpusFile, encoder) -> None:
-    metadata = engine.catalog.metadata(stored_id)
+    metadata = engine.store.metadata(stored_id)
     assert (metadata["width"], metadata["height"]) == item.size, item.name
     path = engine.dataset_root / item.name
     reference = encoder.encode_images([item.reference(path)])[0]
-    stored = engine.catalog.vector(stored_id)
+    stored = engine.store.vector(stored_id)
     assert float(stored @ reference) >= 0.999, item.name
     if item.reference is exif6_upright:
         with Image.open(path) as sideways:

@@ -14,8 +14,9 @@ from openapi_schema_validator import OAS30Validator
 from PIL import Image
 from torchvision import transforms
 
+from errors import QueryError
 from explain import DEFAULT_GRID, windows
-from image_retrieval import ImageRetrieval, QueryError, QueryPart
+from image_retrieval import ImageRetrieval, QueryPart
 from indexer import image_id
 
 SIDE = 224
@@ -72,7 +73,7 @@ def test_heat_is_higher_on_the_half_showing_the_query_photo(composite_index):
     settings, ids = composite_index
     with ImageRetrieval(settings, create=False) as engine:
         for side in ("left", "right"):
-            vector = engine.catalog.vector(ids[side])
+            vector = engine.store.vector(ids[side])
             found = engine.explain(ids["composite"], [QueryPart(vector=vector)])
             assert found.grid == DEFAULT_GRID and len(found.heat) == len(found.heat[0]) == DEFAULT_GRID
             assert found.windows == len(windows(DEFAULT_GRID))

@@ -99,8 +99,8 @@ def test_kill_9_during_indexing_loses_nothing(tmp_path, tiny_checkpoint, coco_so
     final = run_script("embed_images.py", settings, "--quiet")
     assert final.returncode == 0, final.stderr
     with ImageRetrieval(settings) as engine:
-        stored = [metadata for _, metadata in engine.catalog.items()]
-        assert engine.collection.count() == len(stored)
+        stored = [metadata for _, metadata in engine.store.items()]
+        assert engine.store.stored_count() == len(stored)
         assert sorted(metadata["path"] for metadata in stored) == sorted(
             item["image"] for item in annotations
         )

@@ -25,10 +25,9 @@ from conftest import make_settings
 from corrupt_corpus import bad_exif_jpeg
 from PIL import Image
 
+from errors import DamagedStore, MetadataError, MetadataFileError
 from image_retrieval import ImageRetrieval, QueryPart, SearchQuery
 from indexer import image_id
-from metadata_import import MetadataError, MetadataFileError
-from store import DamagedStore
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = 4
@@ -94,7 +93,7 @@ def many_fields(count: int) -> dict[str, str]:
 
 def test_post_index_refuses_oversized_records_and_non_json(api_client):
     client, engine, names = api_client
-    before = dict(engine.catalog.items())
+    before = dict(engine.store.items())
     record = {"path": names[0], **many_fields(FIELDS_THAT_BREAK_CHROMA)}
     as_text = client.post("/index", data=json.dumps({"metadata": [record]}), content_type="text/plain")
     assert as_text.status_code == 415 and "application/json" in as_text.get_json()["error"]
@@ -114,12 +113,12 @@ def test_post_index_refuses_oversized_records_and_non_json(api_client):
         response = client.post("/index", json={"metadata": records})
         assert response.status_code == 400, (message, response.get_json())
         assert message in response.get_json()["error"], response.get_json()
-    assert dict(engine.catalog.items()) == before
+    assert dict(engine.store.items()) == before
     accepted = client.post("/index", json={"metadata": [{"path": names[0], "tags": 5, **many_fields(99)}]})
     assert accepted.status_code == 202, accepted.get_json()
     job = wait_for_job(client)
     assert job["state"] == "done", job
-    stored = next(meta for _, meta in engine.catalog.items() if meta["path"] == names[0])
+    stored = next(meta for _, meta in engine.store.items() if meta["path"] == names[0])
     assert stored["tags"] == ["5"] and stored["field98"] == "x"
 
 
@@ -135,7 +134,7 @@ def test_metadata_files_are_checked_with_the_same_limits(indexed, tmp_path):
     nested = tmp_path / "nested.json"
     nested.write_text("[" * 100_000 + "]" * 100_000)
     with ImageRetrieval(settings.with_overrides(METADATA_MAX_RECORDS=10)) as engine:
-        before = dict(engine.catalog.items())
+        before = dict(engine.store.items())
         for path, message in (
             (wide_csv, "line 2 has 6000 fields, more than METADATA_MAX_FIELDS=100"),
             (wide_json, "record 1 has 6000 fields"),
@@ -151,21 +150,21 @@ def test_metadata_files_are_checked_with_the_same_limits(indexed, tmp_path):
         ]
         with pytest.raises(MetadataError, match="all records for it merged"):
             engine.import_metadata(halves)
-        assert dict(engine.catalog.items()) == before
-        engine.write(["extra"], np.ones((1, engine.encoder.dim), dtype=np.float32), [{"path": "x.jpg"}])
+        assert dict(engine.store.items()) == before
+        engine.store.write(["extra"], np.ones((1, engine.encoder.dim), dtype=np.float32), [{"path": "x.jpg"}])
     cli = run_script("embed_images.py", settings, "--quiet", "--metadata", str(wide_csv))
     assert cli.returncode == 1 and "METADATA_MAX_FIELDS=100" in cli.stderr and "Traceback" not in cli.stderr
     with ImageRetrieval(settings) as engine:
-        assert "extra" in engine.catalog
+        assert "extra" in engine.store
 
 
 def test_a_damaged_store_names_the_way_out(indexed):
     settings, names = indexed
     with ImageRetrieval(settings) as engine:
-        damaged_id = next(iter(engine.catalog.items()))[0]
+        damaged_id = next(iter(engine.store.items()))[0]
         bad = {"path": names[0], **many_fields(FIELDS_THAT_BREAK_CHROMA)}
         with pytest.raises(DamagedStore, match=r"embed_images\.py --rebuild"):  # around the checks
-            engine.update_metadata([damaged_id], [bad])
+            engine.store.update_metadata([damaged_id], [bad])
     for script, args in (("embed_images.py", ["--quiet"]), ("main.py", ["a dog"]), ("api.py", [])):
         result = run_script(script, settings, *args, timeout=120)
         assert result.returncode == 1, (script, result.stdout, result.stderr)
@@ -298,7 +297,7 @@ def test_filters_are_bounded_checked_and_ignore_case(api_client):
         assert status == 400 and message in body["error"], (str(filters)[:80], body)
         assert time.monotonic() - started < 5, str(filters)[:80]
     assert "The indexed images have: " in search("widht >= 800")[1]["error"]
-    stored_format = engine.catalog.metadata(image_id(names[0]))["format"]
+    stored_format = engine.store.metadata(image_id(names[0]))["format"]
     assert stored_format == "JPEG"
     for spelling in ("format = jpeg", "format = Jpeg", "format in png|jpeg", {"format": {"$in": ["jpeg"]}}):
         status, body = search(spelling)
@@ -322,9 +321,9 @@ def test_searches_while_images_move_and_vanish(indexed):
         metadata = [
             {"path": f"s/{n}.jpg", "name": f"{n}.jpg", "tags": ["dog"], "width": n} for n in range(200)
         ]
-        engine.write(ids, vectors, metadata)
-        engine.catalog.keywords.wait_until_built() if hasattr(
-            engine.catalog.keywords, "wait_until_built"
+        engine.store.write(ids, vectors, metadata)
+        engine.store.view().catalog.keywords.wait_until_built() if hasattr(
+            engine.store.view().catalog.keywords, "wait_until_built"
         ) else None
         stop = threading.Event()
         errors: list[str] = []
@@ -334,8 +333,10 @@ def test_searches_while_images_move_and_vanish(indexed):
             while not stop.is_set():
                 generation += 1
                 moved = [f"{image}-{generation}" for image in ids[:100]]
-                engine.write(moved, vectors[:100], metadata[:100])  # a move: the copy first, then the delete
-                engine.delete(ids[:100])
+                engine.store.write(
+                    moved, vectors[:100], metadata[:100]
+                )  # a move: the copy first, then the delete
+                engine.store.delete(ids[:100])
                 ids[:100] = moved
 
         queries = [
@@ -376,7 +377,7 @@ def mirror_only_images(engine: ImageRetrieval, vectors: np.ndarray, tag: str) ->
     """Images in the engine's in-memory mirror only (enough for filtered, exact searches)."""
     ids = [f"{tag}-{n}" for n in range(len(vectors))]
     metadatas = [{"path": f"{tag}/{n}.jpg", "name": f"{n}.jpg", "tags": [tag]} for n in range(len(vectors))]
-    engine.catalog.put(ids, vectors, metadatas, keywords=False)
+    engine.store.view().catalog.put(ids, vectors, metadatas, keywords=False)
     return ids
 
 
@@ -552,7 +553,8 @@ def search(url: str, **body) -> dict:
 
 
 def test_the_decode_budget_is_shared_and_never_exceeded():
-    from image_io import DecodeBudget, ImageLoadError
+    from errors import ImageLoadError
+    from image_io import DecodeBudget
 
     budget = DecodeBudget(1)
     held, most = 0, 0

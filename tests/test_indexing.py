@@ -18,8 +18,8 @@ from data_factory import write_broken_files
 from PIL import Image
 
 from config import Settings
-from image_retrieval import ImageRetrieval, ModelMismatch
-from indexer import IndexingRefused
+from errors import IndexingRefused, ModelMismatch
+from image_retrieval import ImageRetrieval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def summary_counts(output: str) -> dict[str, int]:
 
 def stored_paths(settings: Settings) -> list[str]:
     with ImageRetrieval(settings) as engine:
-        return sorted(metadata["path"] for _, metadata in engine.catalog.items())
+        return sorted(metadata["path"] for _, metadata in engine.store.items())
 
 
 def disk_images(folder: Path) -> list[str]:
@@ -108,10 +108,10 @@ def test_changed_and_duplicated_files(coco_dataset, settings_for):
     counts = summary_counts(run_embed(settings).stdout)
     assert counts["added"] == 1 and counts["updated"] == 1 and counts["encoded"] == 1
     with ImageRetrieval(settings) as engine:
-        by_path = {meta["path"]: image_id for image_id, meta in engine.catalog.items()}
-        original = engine.catalog.vector(by_path[images[0].name])
-        assert np.allclose(engine.catalog.vector(by_path["copy of first.jpg"]), original)
-        assert engine.catalog.metadata(by_path[images[1].name])["width"] == 300
+        by_path = {meta["path"]: image_id for image_id, meta in engine.store.items()}
+        original = engine.store.vector(by_path[images[0].name])
+        assert np.allclose(engine.store.vector(by_path["copy of first.jpg"]), original)
+        assert engine.store.metadata(by_path[images[1].name])["width"] == 300
 
 
 def test_stored_vectors_equal_reference_encoding(coco_dataset, settings_for, tiny_checkpoint):
@@ -121,12 +121,12 @@ def test_stored_vectors_equal_reference_encoding(coco_dataset, settings_for, tin
     with ImageRetrieval(settings) as engine:
         engine.index_folder()
         model, preprocess = clip.load(str(tiny_checkpoint), device="cpu", jit=False)
-        by_path = {meta["path"]: image_id for image_id, meta in engine.catalog.items()}
+        by_path = {meta["path"]: image_id for image_id, meta in engine.store.items()}
         for name, minimum in [(sorted(coco_dataset.glob("0*.jpg"))[3].name, 0.9999), ("big.jpg", 0.995)]:
             with torch.no_grad():
                 reference = model.encode_image(preprocess(Image.open(coco_dataset / name)).unsqueeze(0))
             reference = (reference / reference.norm(dim=-1, keepdim=True))[0].numpy()
-            assert float(reference @ engine.catalog.vector(by_path[name])) >= minimum, name
+            assert float(reference @ engine.store.vector(by_path[name])) >= minimum, name
         query = "a dog playing in the park"
         with torch.no_grad():
             text_reference = model.encode_text(clip.tokenize([query]))
@@ -137,7 +137,7 @@ def test_stored_vectors_equal_reference_encoding(coco_dataset, settings_for, tin
 def test_image_queried_by_its_own_vector_comes_first(coco_dataset, settings_for):
     with ImageRetrieval(settings_for(coco_dataset)) as engine:
         engine.index_folder()
-        for image_id, _ in engine.catalog.items()[:10]:
+        for image_id, _ in engine.store.items()[:10]:
             result = engine.search_image(engine.image_path(image_id), top_k=3, collapse_duplicates=False)
             assert result.hits[0].id == image_id
             assert result.hits[0].score >= 0.999
@@ -146,7 +146,7 @@ def test_image_queried_by_its_own_vector_comes_first(coco_dataset, settings_for)
 def test_metadata_of_each_image(coco_dataset, settings_for):
     with ImageRetrieval(settings_for(coco_dataset)) as engine:
         engine.index_folder()
-        _, metadata = engine.catalog.items()[0]
+        _, metadata = engine.store.items()[0]
         path = coco_dataset / metadata["path"]
         with Image.open(path) as image:
             assert (metadata["width"], metadata["height"], metadata["format"]) == (*image.size, "JPEG")
@@ -154,7 +154,7 @@ def test_metadata_of_each_image(coco_dataset, settings_for):
         assert metadata["file_size"] == path.stat().st_size
         assert metadata["modified"] == path.stat().st_mtime
         assert len(metadata["content_hash"]) == 64
-        stamp = engine.collection.metadata
+        stamp = engine.store.recorded()
         assert stamp["model"] == engine.encoder.identity and stamp["dim"] == 32
 
 
@@ -170,9 +170,9 @@ def test_exif_orientation_is_applied(tmp_path, settings_for):
     upright.save(dataset / "upright.jpg", quality=95)
     with ImageRetrieval(settings_for(dataset)) as engine:
         engine.index_folder()
-        by_path = {meta["path"]: (image_id, meta) for image_id, meta in engine.catalog.items()}
+        by_path = {meta["path"]: (image_id, meta) for image_id, meta in engine.store.items()}
         assert (by_path["rotated.jpg"][1]["width"], by_path["rotated.jpg"][1]["height"]) == (200, 300)
-        vectors = engine.catalog.vectors([by_path["rotated.jpg"][0], by_path["upright.jpg"][0]])
+        vectors = engine.store.vectors([by_path["rotated.jpg"][0], by_path["upright.jpg"][0]])
         assert float(vectors[0] @ vectors[1]) > 0.99
 
 
@@ -234,11 +234,11 @@ def test_kill_during_indexing_then_rerun(coco_dataset, settings_for):
     result = run_embed(settings)
     assert result.returncode == 0, result.stderr
     with ImageRetrieval(settings) as engine:
-        ids = [image_id for image_id, _ in engine.catalog.items()]
-        paths = sorted(meta["path"] for _, meta in engine.catalog.items())
-        assert len(ids) == len(set(ids)) == engine.collection.count()
+        ids = [image_id for image_id, _ in engine.store.items()]
+        paths = sorted(meta["path"] for _, meta in engine.store.items())
+        assert len(ids) == len(set(ids)) == engine.store.stored_count()
         assert paths == valid
-        stored = engine.collection.get(include=[])["ids"]
+        stored = engine.store.view().collection.get(include=[])["ids"]
         assert len(stored) == len(set(stored)) == len(valid)
 
 
@@ -260,8 +260,9 @@ def test_server_mode_indexing(coco_dataset, settings_for, chroma_server):
 def test_a_changed_ef_search_setting_reaches_an_existing_collection(coco_dataset, settings_for):
     settings = settings_for(coco_dataset, HNSW_EF_SEARCH=64)
     with ImageRetrieval(settings) as engine:
-        assert engine.collection.configuration["hnsw"]["ef_search"] == 64
+        assert engine.store.view().collection.configuration["hnsw"]["ef_search"] == 64
     with ImageRetrieval(settings.with_overrides(HNSW_EF_SEARCH=512)) as engine:
         assert (
-            engine.client.get_collection(settings.COLLECTION_NAME).configuration["hnsw"]["ef_search"] == 512
+            engine.store.client.get_collection(settings.COLLECTION_NAME).configuration["hnsw"]["ef_search"]
+            == 512
         )

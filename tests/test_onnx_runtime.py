@@ -23,9 +23,9 @@ def test_onnx_runtime_stores_the_reference_vectors(coco_dataset, settings_for, t
     with ImageRetrieval(settings) as engine:
         summary = engine.index_folder()
         assert summary.failed == 0 and summary.added == engine.count()
-        by_path = {meta["path"]: image_id for image_id, meta in engine.catalog.items()}
+        by_path = {meta["path"]: image_id for image_id, meta in engine.store.items()}
         for path in sorted(coco_dataset.glob("*.jpg"))[:5]:
-            stored = torch.from_numpy(engine.catalog.vector(by_path[path.name]))
+            stored = torch.from_numpy(engine.store.vector(by_path[path.name]))
             assert float(reference_vector(tiny_checkpoint, path) @ stored) >= 0.9999, path.name
             result = engine.search_image(path, top_k=1, collapse_duplicates=False)
             assert result.hits[0].id == by_path[path.name] and result.hits[0].score >= 0.999

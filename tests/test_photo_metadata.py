@@ -16,8 +16,9 @@ from PIL.TiffImagePlugin import IFDRational
 
 import indexer
 from api_requests import BadRequest, search_request_from_json
+from errors import QueryError
 from image_io import decode_for_model, find_images
-from image_retrieval import ImageRetrieval, QueryError, SearchQuery
+from image_retrieval import ImageRetrieval, SearchQuery
 from main import format_table
 from photo_metadata import PHOTO_FIELDS, camera_name, parse_offset, photo_fields, read_photo_fields
 
@@ -249,7 +250,7 @@ def photo_library(tmp_path: Path) -> Path:
 
 
 def by_name(engine: ImageRetrieval) -> dict[str, dict]:
-    return {metadata["name"]: metadata for _, metadata in engine.catalog.items()}
+    return {metadata["name"]: metadata for _, metadata in engine.store.items()}
 
 
 def names(result) -> list[str]:
@@ -344,13 +345,15 @@ def test_an_old_index_gets_the_photo_fields_without_re_encoding(photo_library, s
     settings = settings_for(photo_library)
     with ImageRetrieval(settings) as engine:
         engine.index_folder()
-        ids = [image_id for image_id, _ in engine.catalog.items()]
+        ids = [image_id for image_id, _ in engine.store.items()]
         stale = {key: None for key in ("photo_metadata", *indexer.PHOTO_FIELDS)}
-        engine.collection.update(ids=ids, metadatas=[stale] * len(ids))  # as an index of before issue 14
+        engine.store.view().collection.update(
+            ids=ids, metadatas=[stale] * len(ids)
+        )  # as an index of before issue 14
     with ImageRetrieval(settings) as old:
-        records = [metadata for _, metadata in old.catalog.items()]
+        records = [metadata for _, metadata in old.store.items()]
         assert not any("taken" in record or "photo_metadata" in record for record in records)
-        vectors = old.catalog.vectors(ids)
+        vectors = old.store.vectors(ids)
 
         def no_encoding(*args, **kwargs):
             raise AssertionError("an image was encoded")
@@ -364,7 +367,7 @@ def test_an_old_index_gets_the_photo_fields_without_re_encoding(photo_library, s
         assert (again.encoded, again.refreshed) == (0, 0)
     with ImageRetrieval(settings) as reopened:
         assert by_name(reopened)["d.heic"]["camera"] == "Apple iPhone 13"
-        np.testing.assert_array_equal(reopened.catalog.vectors(ids), vectors)
+        np.testing.assert_array_equal(reopened.store.vectors(ids), vectors)
 
 
 def test_an_edited_photo_loses_the_fields_it_no_longer_has(photo_library, settings_for):
@@ -403,9 +406,9 @@ def test_embed_images_refreshes_an_old_index_and_says_how_many(photo_library, se
     settings = settings_for(photo_library)
     with ImageRetrieval(settings) as engine:
         engine.index_folder()
-        ids = [image_id for image_id, _ in engine.catalog.items()]
+        ids = [image_id for image_id, _ in engine.store.items()]
         stale = {key: None for key in ("photo_metadata", *indexer.PHOTO_FIELDS)}
-        engine.collection.update(ids=ids, metadatas=[stale] * len(ids))
+        engine.store.view().collection.update(ids=ids, metadatas=[stale] * len(ids))
     done = run_embed(settings)
     assert done.returncode == 0, done.stderr
     assert "unchanged 8, failed 0; photo metadata refreshed 8 (not re-encoded); encoded 0 in" in done.stdout

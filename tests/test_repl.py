@@ -192,7 +192,7 @@ def check_grid(png: Path, rows: list[tuple[int, float, str]], dataset: Path) -> 
 def check_against_engine(settings: Settings, searches: list[Printed]) -> None:
     """Every printed table is the engine's answer to the same query, rank by rank."""
     with ImageRetrieval(settings) as engine:
-        id_of = {metadata["path"]: image_id for image_id, metadata in engine.catalog.items()}
+        id_of = {metadata["path"]: image_id for image_id, metadata in engine.store.items()}
         for printed in searches:
             query = printed.query
             if printed.more_like is not None:

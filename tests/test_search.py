@@ -15,8 +15,9 @@ import pytest
 from conftest import make_settings
 from data_factory import clustered_vectors, write_tiny_checkpoint
 
-from filters import FilterError, parse_filter
-from image_retrieval import ImageRetrieval, QueryError, QueryPart, SearchQuery, UnknownImage, data_uri_bytes
+from errors import FilterError, QueryError, UnknownImage
+from filters import parse_filter
+from image_retrieval import ImageRetrieval, QueryPart, SearchQuery, data_uri_bytes
 from indexer import image_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def coco_engine(tmp_path_factory, tiny_checkpoint, coco_source):
 
 
 def exact_order(engine: ImageRetrieval, vector: np.ndarray, ids: list[str]) -> list[str]:
-    scores = engine.catalog.vectors(ids) @ vector
+    scores = engine.store.vectors(ids) @ vector
     return [ids[i] for i in np.lexsort((np.arange(len(ids)), -scores))]
 
 
@@ -68,17 +69,17 @@ def category_words(annotations: list[dict], minimum: int) -> list[str]:
 def test_text_query_ranks_by_cosine(coco_engine):
     result = coco_engine.search_text("a dog playing in the park", top_k=10)
     vector = coco_engine.encoder.encode_texts(["a dog playing in the park"])[0]
-    all_ids = [image_id for image_id, _ in coco_engine.catalog.items()]
+    all_ids = [image_id for image_id, _ in coco_engine.store.items()]
     assert [hit.id for hit in result.hits] == exact_order(coco_engine, vector, all_ids)[:10]
     assert [hit.rank for hit in result.hits] == list(range(1, 11))
     for hit in result.hits:
         assert -1.0 <= hit.score <= 1.0
-        assert hit.score == pytest.approx(float(coco_engine.catalog.vector(hit.id) @ vector), abs=1e-5)
+        assert hit.score == pytest.approx(float(coco_engine.store.vector(hit.id) @ vector), abs=1e-5)
         assert hit.path == hit.metadata["path"]
 
 
 def test_image_query_from_path_bytes_and_data_uri(coco_engine):
-    target = coco_engine.catalog.items()[5][0]
+    target = coco_engine.store.items()[5][0]
     path = coco_engine.image_path(target)
     data = path.read_bytes()
     data_uri = "data:image/jpeg;base64," + base64.b64encode(data).decode()
@@ -92,14 +93,14 @@ def test_image_query_from_path_bytes_and_data_uri(coco_engine):
 
 
 def test_more_like_this_never_returns_the_query_image(coco_engine):
-    for target, _ in coco_engine.catalog.items()[:25]:
+    for target, _ in coco_engine.store.items()[:25]:
         result = coco_engine.more_like_this(target, top_k=10)
         assert target not in [hit.id for hit in result.hits]
         assert len(result.hits) == 10
         expected = exact_order(
             coco_engine,
-            coco_engine.catalog.vector(target),
-            [i for i, _ in coco_engine.catalog.items() if i != target],
+            coco_engine.store.vector(target),
+            [i for i, _ in coco_engine.store.items() if i != target],
         )
         assert [hit.id for hit in result.hits] == expected[:10]
     with pytest.raises(UnknownImage):
@@ -119,7 +120,9 @@ def test_combined_query_with_negative_term_moves_matching_images_down(tmp_path, 
         fillers = [_unit(rng.standard_normal(engine.encoder.dim).astype(np.float32)) for _ in range(20)]
         vectors = np.stack([beach_with_people, empty_beach, *fillers])
         ids = ["beach-with-people", "empty-beach", *(f"filler-{i}" for i in range(20))]
-        engine.write(ids, vectors, [{"path": f"{i}.jpg", "name": f"{i}.jpg", "folder": ""} for i in ids])
+        engine.store.write(
+            ids, vectors, [{"path": f"{i}.jpg", "name": f"{i}.jpg", "folder": ""} for i in ids]
+        )
 
         plain = [hit.id for hit in engine.search_text("beach", top_k=2).hits]
         assert plain == ["beach-with-people", "empty-beach"]
@@ -172,7 +175,7 @@ def test_keyword_query_for_a_tag_returns_only_tagged_images_ranked(coco_engine, 
     for word in category_words(coco_source[1], minimum=3):
         result = coco_engine.search_text(f"tags:{word}", mode="keyword", top_k=200)
         tagged = {
-            image_id for image_id, meta in coco_engine.catalog.items() if word in words_of(meta, ("tags",))
+            image_id for image_id, meta in coco_engine.store.items() if word in words_of(meta, ("tags",))
         }
         assert {hit.id for hit in result.hits} == tagged, word
         scores = [hit.keyword_score for hit in result.hits]
@@ -185,7 +188,7 @@ def test_keyword_query_searches_descriptions_tags_and_names(coco_engine, coco_so
     result = coco_engine.search_text(word.upper(), mode="keyword", top_k=200)
     expected = {
         image_id
-        for image_id, meta in coco_engine.catalog.items()
+        for image_id, meta in coco_engine.store.items()
         if any(w.startswith(word) for w in words_of(meta, ("tags", "description", "name", "folder")))
     }
     assert {hit.id for hit in result.hits} == expected
@@ -248,7 +251,7 @@ def test_hybrid_query_explains_each_hit(coco_engine, coco_source):
 @pytest.mark.parametrize("mode", ["keyword", "hybrid"])
 def test_a_query_without_text_ranks_by_vector_in_any_mode(coco_engine, mode):
     """An image, an id, or only negative text: no words to match, so the vector ranking and a note."""
-    some_id = next(iter(coco_engine.catalog.items()))[0]
+    some_id = next(iter(coco_engine.store.items()))[0]
     for parts in (
         [QueryPart(id=some_id)],
         [QueryPart(id=some_id), QueryPart(text="people", weight=-0.5)],
@@ -269,7 +272,7 @@ def test_filter_keeps_only_tagged_images_in_exact_cosine_order(coco_engine, coco
     for exact_max in (20_000, 2):
         coco_engine.settings = coco_engine.settings.with_overrides(EXACT_SEARCH_MAX=exact_max)
         result = coco_engine.search_text("a dog", filters=f'tags contains "{word}"', top_k=100)
-        tagged = [i for i, meta in coco_engine.catalog.items() if word in (meta.get("tags") or [])]
+        tagged = [i for i, meta in coco_engine.store.items() if word in (meta.get("tags") or [])]
         vector = coco_engine.encoder.encode_texts(["a dog"])[0]
         assert [hit.id for hit in result.hits] == exact_order(coco_engine, vector, tagged)
         assert result.filtered_total == len(tagged)
@@ -277,7 +280,7 @@ def test_filter_keeps_only_tagged_images_in_exact_cosine_order(coco_engine, coco
 
 
 def test_filter_operators_and_both_syntaxes_agree(coco_engine):
-    items = coco_engine.catalog.items()
+    items = coco_engine.store.items()
     sizes = sorted(meta["file_size"] for _, meta in items)
     median = sizes[len(sizes) // 2]
     cases = [
@@ -358,11 +361,11 @@ def test_metadata_import_from_csv_json_and_dataset_file(tmp_path, tiny_checkpoin
     assert env_run.returncode == 0, env_run.stderr
     assert "2 matched" in env_run.stdout and "1 unmatched" in env_run.stdout
     with ImageRetrieval(settings) as engine:
-        meta = engine.catalog.metadata(image_id("a.jpg"))
+        meta = engine.store.metadata(image_id("a.jpg"))
         assert meta["description"] == "Chest X-ray, frontal" and meta["tags"] == ["xray", "chest"]
         assert meta["patient_age"] == 54
-        assert engine.catalog.metadata(image_id("scans/c.jpg"))["tags"] == ["xray", "hand"]
-        before = engine.catalog.vectors([image_id("a.jpg")])
+        assert engine.store.metadata(image_id("scans/c.jpg"))["tags"] == ["xray", "hand"]
+        before = engine.store.vectors([image_id("a.jpg")])
         hits = engine.search_text("x", filters="patient_age >= 18 and tags contains xray", top_k=5).hits
         assert [hit.path for hit in hits] == ["a.jpg"]
 
@@ -374,7 +377,7 @@ def test_metadata_import_from_csv_json_and_dataset_file(tmp_path, tiny_checkpoin
         assert summary.updated == 1
         summary = engine.import_metadata(read_metadata_file(csv_file))
         assert summary.updated == 0
-        assert np.array_equal(engine.catalog.vectors([image_id("a.jpg")]), before)
+        assert np.array_equal(engine.store.vectors([image_id("a.jpg")]), before)
 
     (dataset / "metadata.csv").write_text("path,description\nd.jpg,Found by itself\n")
     rerun = subprocess.run(
@@ -386,8 +389,8 @@ def test_metadata_import_from_csv_json_and_dataset_file(tmp_path, tiny_checkpoin
     )
     assert rerun.returncode == 0 and "encoded 0" in rerun.stdout
     with ImageRetrieval(settings) as engine:
-        assert engine.catalog.metadata(image_id("d.jpg"))["description"] == "Found by itself"
-        assert engine.catalog.metadata(image_id("a.jpg"))["patient_age"] == 54
+        assert engine.store.metadata(image_id("d.jpg"))["description"] == "Found by itself"
+        assert engine.store.metadata(image_id("a.jpg"))["patient_age"] == 54
         assert [hit.path for hit in engine.search_text("knee", mode="keyword").hits] == ["scans/b.jpg"]
 
 
@@ -446,7 +449,9 @@ def test_near_duplicates_are_collapsed_into_the_best(tmp_path, tiny_checkpoint):
         twin = _unit(base[0] + 0.1 * _orthonormal(rng.standard_normal(dim).astype(np.float32), [base[0]]))
         ids = ["original", "near-copy", "other", "third"]
         vectors = np.stack([base[0], twin, base[1], base[2]])
-        engine.write(ids, vectors, [{"path": f"{i}.jpg", "name": f"{i}.jpg", "folder": ""} for i in ids])
+        engine.store.write(
+            ids, vectors, [{"path": f"{i}.jpg", "name": f"{i}.jpg", "folder": ""} for i in ids]
+        )
         assert float(base[0] @ twin) >= 0.97
 
         collapsed = engine.search(SearchQuery([QueryPart(vector=query)], top_k=3))
@@ -492,7 +497,7 @@ def test_recall_against_exact_search_on_100k_clustered_vectors(tmp_path):
         ]
         for start in range(0, len(ids), 5000):
             end = start + 5000
-            engine.write(ids[start:end], vectors[start:end], metadatas[start:end])
+            engine.store.write(ids[start:end], vectors[start:end], metadatas[start:end])
         rng = np.random.default_rng(7)
         near_images = vectors[rng.integers(0, len(vectors), 50)]
         near_images = near_images + rng.standard_normal(near_images.shape).astype(np.float32) * 0.03

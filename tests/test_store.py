@@ -1,0 +1,224 @@
+"""The store's protocol without CLIP: vectors in, the mirror equal to Chroma after every kind of write,
+refused writes changing nothing, and a mirror rebuilt in server mode while writes and searches go on."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import ChromaServer, free_port
+
+import store
+from config import Settings
+from store import StoreView, VectorStore, lock_database
+
+DIM = 8
+MODEL = "test-model"
+
+
+def records(prefix: str, count: int, seed: int) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(count, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"{prefix}-{i}" for i in range(count)]
+    metadatas = [
+        {"path": f"{image}.jpg", "group": i % 3, "tags": ["x", f"t{i}"]} for i, image in enumerate(ids)
+    ]
+    return ids, vectors, metadatas
+
+
+class Vector:
+    """A stored vector that equals another within float32 precision (a server sends them as text)."""
+
+    def __init__(self, values: Any) -> None:
+        self.values = np.asarray(values, dtype=np.float64)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vector) and np.allclose(self.values, other.values, atol=1e-6)
+
+    def __repr__(self) -> str:
+        return f"Vector({np.round(self.values, 6).tolist()})"
+
+
+def open_store(settings: Settings, **options: Any) -> VectorStore:
+    return VectorStore(settings, MODEL, DIM, lock=lock_database(settings, "test"), **options)
+
+
+def chroma_state(store: VectorStore) -> dict[str, tuple[Vector, dict[str, Any]]]:
+    stored = store.view().collection.get(include=["embeddings", "metadatas"])
+    return {
+        image_id: (Vector(vector), metadata)
+        for image_id, vector, metadata in zip(
+            stored["ids"], stored["embeddings"], stored["metadatas"], strict=True
+        )
+    }
+
+
+def mirror_state(store: VectorStore) -> dict[str, tuple[Vector, dict[str, Any]]]:
+    return {image_id: (Vector(store.vector(image_id)), metadata) for image_id, metadata in store.items()}
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Settings:
+    return Settings(DATASET_FOLDER=str(tmp_path), CHROMA_DB_PATH=str(tmp_path / "db"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    chroma = ChromaServer(tmp_path_factory.mktemp("chroma"), free_port())
+    chroma.start()
+    yield chroma
+    chroma.stop()
+
+
+def server_settings(server: ChromaServer, tmp_path: Path, name: str) -> Settings:
+    return Settings(
+        DATASET_FOLDER=str(tmp_path),
+        CHROMA_HOST=server.host,
+        CHROMA_PORT=server.port,
+        COLLECTION_NAME=name,
+    )
+
+
+def test_mirror_equals_chroma_after_write_update_delete_and_reopen(embedded):
+    ids, vectors, metadatas = records("img", 300, seed=1)
+    with open_store(embedded) as store:
+        store.write(ids, vectors, metadatas)
+        renamed = [{"path": f"{image}.jpg", "group": 7} for image in ids[:50]]  # tags dropped
+        store.update_metadata(ids[:50], renamed)
+        store.write(ids[250:260], vectors[:10], metadatas[250:260])  # replaced vectors
+        store.delete(ids[100:120])
+        assert store.metadata(ids[0]) == {"path": "img-0.jpg", "group": 7}
+        assert ids[100] not in store and len(store) == store.stored_count() == 280
+        assert mirror_state(store) == chroma_state(store)
+        before = mirror_state(store)
+    with open_store(embedded) as reopened:
+        assert mirror_state(reopened) == chroma_state(reopened) == before
+
+
+def test_a_write_chroma_refuses_changes_nothing(embedded):
+    ids, vectors, metadatas = records("img", 20, seed=2)
+    with open_store(embedded) as store:
+        store.write(ids, vectors, metadatas)
+        stamp, before, stored = store.view().stamp, mirror_state(store), chroma_state(store)
+        with pytest.raises(ValueError):
+            store.write(["new", ids[0]], vectors[:2], [{"path": "n.jpg"}, {"path": {"nested": "no"}}])
+        with pytest.raises(ValueError):
+            store.update_metadata([ids[1]], [{"path": {"nested": "no"}}])
+        assert mirror_state(store) == before and chroma_state(store) == stored
+        assert store.view().stamp == stamp == store.recorded()["stamp"]
+
+
+def test_each_write_gives_the_collection_and_the_mirror_a_new_stamp(embedded):
+    ids, vectors, metadatas = records("img", 10, seed=3)
+    with open_store(embedded) as store:
+        seen = {store.view().stamp}
+        for write in (
+            lambda: store.write(ids, vectors, metadatas),
+            lambda: store.update_metadata(ids[:2], metadatas[:2]),
+            lambda: store.delete(ids[:1]),
+        ):
+            write()
+            assert store.view().stamp == store.recorded()["stamp"] not in seen
+            seen.add(store.view().stamp)
+
+
+def test_readers_skip_ids_the_mirror_lacks(embedded):
+    ids, vectors, metadatas = records("img", 30, seed=4)
+    with open_store(embedded) as store:
+        store.write(ids, vectors, metadatas)
+        view = store.view()
+        view.collection.upsert(
+            ids=["behind-the-mirror"], embeddings=vectors[:1], metadatas=[{"path": "b.jpg"}]
+        )
+        found = view.nearest(vectors[0], 31, store.settings)
+        assert "behind-the-mirror" not in found and found[0] == ids[0] and set(found) <= set(ids)
+
+
+def wait_for(condition: Any, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class GatedStore(VectorStore):
+    """A store whose mirror rebuild waits, after reading Chroma, until the test lets it finish."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.read_done = threading.Event()
+        self.may_finish = threading.Event()
+        self.may_finish.set()
+        super().__init__(*args, **kwargs)
+
+    def _read_view(self, collection: Any) -> StoreView:
+        view = super()._read_view(collection)
+        self.read_done.set()
+        assert self.may_finish.wait(60)
+        return view
+
+
+def test_server_mode_rebuild_racing_writes_loses_nothing_and_searches_keep_working(
+    server, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(store, "STALE_CHECK_SECONDS", 0.0)  # check the stamp at every call
+    settings = server_settings(server, tmp_path, "race")
+    ids, vectors, metadatas = records("api", 200, seed=5)
+    other_ids, other_vectors, other_metadatas = records("other", 50, seed=6)
+    with GatedStore(settings, MODEL, DIM) as api, VectorStore(settings, MODEL, DIM) as other:
+        api.write(ids[:100], vectors[:100], metadatas[:100])
+        other.write(other_ids, other_vectors, other_metadatas)  # another process: api's mirror is stale
+        old_catalog = api.view().catalog
+        api.may_finish.clear()
+        api.read_done.clear()
+        api.refresh_if_stale(wait=False)
+        assert api.read_done.wait(60)  # the new mirror is read; now write while it is not swapped in yet
+        api.write(ids[100:], vectors[100:], metadatas[100:])
+        api.update_metadata(ids[:5], [{"path": "renamed.jpg"}] * 5)
+        api.delete(ids[5:10])
+        errors: list[BaseException] = []
+
+        def search() -> None:
+            try:
+                for _ in range(20):
+                    view = api.view()
+                    found = view.nearest(vectors[0], 20, settings)
+                    assert all(image_id in view.catalog for image_id in found)
+            except BaseException as error:
+                errors.append(error)
+
+        searchers = [threading.Thread(target=search) for _ in range(3)]
+        for thread in searchers:
+            thread.start()
+        api.may_finish.set()
+        for thread in searchers:
+            thread.join()
+        assert not errors
+        assert wait_for(lambda: api.view().catalog is not old_catalog)
+        swapped = api.view().catalog  # the rebuilt mirror, with the writes made meanwhile replayed
+        assert ids[150] in swapped and ids[5] not in swapped and other_ids[0] in swapped
+        assert swapped.metadata(ids[0]) == {"path": "renamed.jpg"}
+        api.refresh_if_stale(wait=True)
+        assert mirror_state(api) == chroma_state(api)
+        assert len(api) == 200 - 5 + 50 and api.metadata(ids[0]) == {"path": "renamed.jpg"}
+        assert api.metadata(ids[150]) == metadatas[150] and api.metadata(other_ids[3]) == other_metadatas[3]
+
+
+def test_server_mode_write_after_another_process_wrote_leads_to_a_rebuild(server, tmp_path):
+    settings = server_settings(server, tmp_path, "stale")
+    ids, vectors, metadatas = records("a", 20, seed=7)
+    with VectorStore(settings, MODEL, DIM) as first, VectorStore(settings, MODEL, DIM) as second:
+        first.write(ids[:10], vectors[:10], metadatas[:10])
+        second.write(ids[10:], vectors[10:], metadatas[10:])
+        first.update_metadata(ids[12:13], [{"path": "seen-by-first.jpg"}])  # an id its mirror lacks
+        assert ids[15] not in first and first.view().stamp != first.recorded()["stamp"]
+        first.refresh_if_stale(wait=True)
+        second.refresh_if_stale(wait=True)
+        assert mirror_state(first) == chroma_state(first) == mirror_state(second)
+        assert first.metadata(ids[12]) == {"path": "seen-by-first.jpg"}

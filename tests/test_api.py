@@ -815,32 +815,6 @@ def test_address_helpers():
     assert not any(pattern.match(origin) for pattern in patterns for origin in refused)
 
 
-def test_server_mode_survives_a_chroma_restart(tmp_path, tiny_checkpoint, coco_source, chroma_server):
-    dataset = tmp_path / "dataset"
-    copy_photos(coco_source, dataset, 0, 8)
-    settings = make_settings(
-        tmp_path,
-        dataset,
-        tiny_checkpoint,
-        CHROMA_HOST=chroma_server.host,
-        CHROMA_PORT=chroma_server.port,
-        RATE_LIMIT_PER_MINUTE=0,
-    )
-    with ApiServer(settings) as running:
-        url = running.url
-        assert index_and_wait(url)["state"] == "done"
-        assert len(search(url, query="a dog", top_k=3)["results"]) == 3
-        chroma_server.stop()
-        time.sleep(1.1)
-        down = requests.post(f"{url}/search", json={"query": "a dog"}, timeout=60)
-        assert down.status_code == 503, down.text
-        assert "not answering" in down.json()["error"] and down.headers["Retry-After"]
-        chroma_server.start()
-        time.sleep(1.1)
-        assert len(search(url, query="a dog", top_k=3)["results"]) == 3
-        assert requests.get(f"{url}/", timeout=10).json()["images"] == 8
-
-
 def test_bad_settings_stop_the_server_with_a_message(tmp_path, tiny_checkpoint, photos):
     """The helper passes every setting; a bad one stops the server with a message, not a traceback."""
     settings = make_settings(tmp_path, photos[0], tiny_checkpoint)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import clip
@@ -214,32 +212,6 @@ def test_rebuild_starts_over(coco_dataset, settings_for):
     run_embed(settings)
     counts = summary_counts(run_embed(settings, "--rebuild").stdout)
     assert counts["added"] == len(list(coco_dataset.glob("*.jpg"))) and counts["unchanged"] == 0
-
-
-def test_kill_during_indexing_then_rerun(coco_dataset, settings_for):
-    settings = settings_for(coco_dataset, BATCH_SIZE=4)
-    valid = disk_images(coco_dataset)
-    env = {**os.environ, **settings_env(settings)}
-    for delay in (4.0, 6.0):
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "embed_images.py"), "--quiet"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    result = run_embed(settings)
-    assert result.returncode == 0, result.stderr
-    with ImageRetrieval(settings) as engine:
-        ids = [image_id for image_id, _ in engine.store.items()]
-        paths = sorted(meta["path"] for _, meta in engine.store.items())
-        assert len(ids) == len(set(ids)) == engine.store.stored_count()
-        assert paths == valid
-        stored = engine.store.view().collection.get(include=[])["ids"]
-        assert len(stored) == len(set(stored)) == len(valid)
 
 
 def test_server_mode_indexing(coco_dataset, settings_for, chroma_server):

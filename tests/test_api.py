@@ -710,33 +710,6 @@ def test_rate_limit_per_client(guarded_server):
 # -- concurrency and other processes -------------------------------------------------------------
 
 
-def test_concurrent_searches_while_indexing(tmp_path, tiny_checkpoint, coco_source):
-    dataset = tmp_path / "dataset"
-    copy_photos(coco_source, dataset, 0, 16)
-    settings = make_settings(tmp_path, dataset, tiny_checkpoint, BATCH_SIZE=2, RATE_LIMIT_PER_MINUTE=0)
-    with ApiServer(settings) as running:
-        url = running.url
-        assert index_and_wait(url)["state"] == "done"
-        new = copy_photos(coco_source, dataset, 40, 24)
-        load = SearchLoad(url, 8, 50, ["a dog", "a plate of food", "a street", "two people"])
-        while load.completed < 16:
-            time.sleep(0.05)
-        started = requests.post(f"{url}/index", timeout=30)
-        assert started.status_code == 202 and started.json()["state"] == "running"
-        again = requests.post(f"{url}/index", timeout=30)
-        assert again.status_code == 409 and "already running" in again.json()["error"]
-        job = wait_for_index(url)
-        searches_when_indexed = load.completed
-        load.stop()
-        assert load.errors == [] and load.completed == 400
-        assert job["state"] == "done" and job["summary"]["added"] == 24, job
-        assert searches_when_indexed < 400, "indexing did not overlap the searches"
-        assert requests.get(f"{url}/", timeout=10).json()["images"] == 40
-        for item in new[:3]:
-            hit = search(url, image=data_uri(dataset / item["image"]), top_k=1)["results"][0]
-            assert hit["path"] == item["image"] and hit["score"] >= 0.999
-
-
 def test_embed_images_hands_its_job_to_the_server(tmp_path, tiny_checkpoint, coco_source):
     dataset = tmp_path / "dataset"
     copy_photos(coco_source, dataset, 0, 16)

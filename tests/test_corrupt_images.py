@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,6 +17,7 @@ import requests
 from api_server import ApiServer, settings_env
 from conftest import make_settings
 from corrupt_corpus import SECRET_TEXT, CorpusFile, exif6_upright, write_corrupt_corpus
+from in_process import run_script
 from PIL import Image
 
 from image_retrieval import ImageRetrieval
@@ -35,15 +35,8 @@ UPLOAD_REFUSALS = {
 }
 
 
-def run_embed(settings, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "embed_images.py"), "--quiet"],
-        env={**os.environ, **settings_env(settings)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_embed(settings) -> subprocess.CompletedProcess:
+    return run_script("embed_images.py", ["--quiet"], settings_env(settings))
 
 
 def failed_count(stdout: str) -> int:

@@ -17,6 +17,7 @@ import tracemalloc
 from collections import Counter
 from pathlib import Path
 
+import in_process
 import numpy as np
 import pytest
 import requests
@@ -43,7 +44,13 @@ def copy_photos(coco_source, dest: Path, count: int = PHOTOS) -> list[str]:
     return [annotation["image"] for annotation in annotations[:count]]
 
 
-def run_script(script: str, settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, settings, *args: str, timeout: float = 300, own_process: bool = False
+) -> subprocess.CompletedProcess:
+    """The command, in this process unless it is api.py or `own_process` is asked (a fresh Chroma
+    client: one in this process may hold state from earlier opens of the same folder)."""
+    if script != "api.py" and not own_process:
+        return in_process.run_script(script, list(args), settings_env(settings))
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         env={**os.environ, **settings_env(settings)},
@@ -166,11 +173,11 @@ def test_a_damaged_store_names_the_way_out(indexed):
         with pytest.raises(DamagedStore, match=r"embed_images\.py --rebuild"):  # around the checks
             engine.store.update_metadata([damaged_id], [bad])
     for script, args in (("embed_images.py", ["--quiet"]), ("main.py", ["a dog"]), ("api.py", [])):
-        result = run_script(script, settings, *args, timeout=120)
+        result = run_script(script, settings, *args, timeout=120, own_process=True)
         assert result.returncode == 1, (script, result.stdout, result.stderr)
         assert "Traceback" not in result.stderr and "is damaged" in result.stderr, (script, result.stderr)
         assert "embed_images.py --rebuild" in result.stderr, script
-    rebuilt = run_script("embed_images.py", settings, "--quiet", "--rebuild")
+    rebuilt = run_script("embed_images.py", settings, "--quiet", "--rebuild", own_process=True)
     assert rebuilt.returncode == 0, rebuilt.stderr
     with ImageRetrieval(settings) as engine:
         assert engine.count() == PHOTOS

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import clip
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from data_factory import write_broken_files
+from in_process import run_main
 from PIL import Image
 
 from config import Settings
@@ -23,17 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_embed(
-    settings: Settings, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+    settings: Settings, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, **settings_env(settings), **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "embed_images.py"), "--quiet", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    """`python embed_images.py --quiet ARGS` with these settings, run in this process."""
+    import embed_images
+
+    return run_main(embed_images.main, ["--quiet", *args], {**settings_env(settings), **(env or {})})
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

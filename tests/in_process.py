@@ -13,10 +13,13 @@ import io
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 from unittest import mock
 
+ROOT = Path(__file__).resolve().parents[1]
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
@@ -43,7 +46,20 @@ def run_main(
     return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
-def run_script(script: str, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGV` (embed_images.py, main.py, evaluate.py), run in this process."""
+def run_script(
+    script: str, argv: list[str], env: dict[str, str], own_process: bool = False, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGV` with `env` added to the environment: in this process, unless the script is
+    api.py (it would serve) or `own_process` is asked (a fresh Chroma client: one in this process may
+    hold state from earlier opens of the same folder)."""
+    if script == "api.py" or own_process:
+        return subprocess.run(
+            [sys.executable, str(ROOT / script), *argv],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     module = importlib.import_module(script.removesuffix(".py"))
     return run_main(module.main, argv, env)

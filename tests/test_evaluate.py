@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from in_process import run_script
 
 from evaluate import (
     CaptionFileError,
@@ -24,14 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), "--quiet", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DEVICE": "cpu"},
-        cwd=ROOT,
-        timeout=600,
-    )
+    return run_script("evaluate.py", ["--quiet", *args], {"DEVICE": "cpu"})
 
 
 def test_recall_counts_a_query_as_found_when_a_relevant_item_is_in_its_first_k():

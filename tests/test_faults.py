@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import in_process
 import numpy as np
 import pytest
 import requests
@@ -39,15 +40,10 @@ def copy_photos(coco_source, dest: Path, start: int, count: int) -> list[dict]:
     return annotations[start : start + count]
 
 
-def run_script(script: str, settings, *args: str, timeout: float = 300, **env: str):
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        env={**os.environ, **settings_env(settings), **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_script(
+    script: str, settings, *args: str, timeout: float = 300, own_process: bool = False, **env: str
+) -> subprocess.CompletedProcess:
+    return in_process.run_script(script, list(args), {**settings_env(settings), **env}, own_process, timeout)
 
 
 def assert_clear_failure(result: subprocess.CompletedProcess, *phrases: str) -> None:
@@ -163,7 +159,7 @@ def test_unusable_database_gives_a_clear_message(small_index, tmp_path, kind):
             ["was built with model", "--rebuild"],
         )
     for script, args in (("embed_images.py", ["--quiet"]), ("main.py", ["a dog"]), ("api.py", [])):
-        result = run_script(script, broken, *args, API_PORT=str(free_port()))
+        result = run_script(script, broken, *args, own_process=True, API_PORT=str(free_port()))
         assert_clear_failure(result, *phrases)
 
 

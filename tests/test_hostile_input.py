@@ -47,18 +47,7 @@ def copy_photos(coco_source, dest: Path, count: int = PHOTOS) -> list[str]:
 def run_script(
     script: str, settings, *args: str, timeout: float = 300, own_process: bool = False
 ) -> subprocess.CompletedProcess:
-    """The command, in this process unless it is api.py or `own_process` is asked (a fresh Chroma
-    client: one in this process may hold state from earlier opens of the same folder)."""
-    if script != "api.py" and not own_process:
-        return in_process.run_script(script, list(args), settings_env(settings))
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        env={**os.environ, **settings_env(settings)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return in_process.run_script(script, list(args), settings_env(settings), own_process, timeout)
 
 
 @pytest.fixture

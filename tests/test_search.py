@@ -6,14 +6,13 @@ import base64
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_settings
 from data_factory import clustered_vectors, write_tiny_checkpoint
+from in_process import run_script
 
 from errors import FilterError, QueryError, UnknownImage
 from filters import parse_filter
@@ -351,13 +350,7 @@ def test_metadata_import_from_csv_json_and_dataset_file(tmp_path, tiny_checkpoin
         writer.writerow(["a.jpg", "Chest X-ray, frontal", "xray|chest", "54", "x"])
         writer.writerow(["c.jpg", "Hand X-ray", "xray|hand", "7", ""])
         writer.writerow(["missing.jpg", "nothing", "", "", ""])
-    env_run = subprocess.run(
-        [sys.executable, str(ROOT / "embed_images.py"), "--quiet", "--metadata", str(csv_file)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**_env(settings)},
-    )
+    env_run = run_script("embed_images.py", ["--quiet", "--metadata", str(csv_file)], _env(settings))
     assert env_run.returncode == 0, env_run.stderr
     assert "2 matched" in env_run.stdout and "1 unmatched" in env_run.stdout
     with ImageRetrieval(settings) as engine:
@@ -380,13 +373,7 @@ def test_metadata_import_from_csv_json_and_dataset_file(tmp_path, tiny_checkpoin
         assert np.array_equal(engine.store.vectors([image_id("a.jpg")]), before)
 
     (dataset / "metadata.csv").write_text("path,description\nd.jpg,Found by itself\n")
-    rerun = subprocess.run(
-        [sys.executable, str(ROOT / "embed_images.py"), "--quiet"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_env(settings),
-    )
+    rerun = run_script("embed_images.py", ["--quiet"], _env(settings))
     assert rerun.returncode == 0 and "encoded 0" in rerun.stdout
     with ImageRetrieval(settings) as engine:
         assert engine.store.metadata(image_id("d.jpg"))["description"] == "Found by itself"
@@ -405,13 +392,7 @@ def test_bad_metadata_file_is_a_clear_error(tmp_path, tiny_checkpoint, coco_sour
         ("wrong.json", '{"a": 1}', "list of objects"),
     ]:
         (tmp_path / name).write_text(content)
-        run = subprocess.run(
-            [sys.executable, str(ROOT / "embed_images.py"), "--quiet", "--metadata", str(tmp_path / name)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=_env(settings),
-        )
+        run = run_script("embed_images.py", ["--quiet", "--metadata", str(tmp_path / name)], _env(settings))
         assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
 
 

@@ -71,6 +71,7 @@ def wait_for_index(url: str, timeout: float = 600) -> dict:
 # -- kill -9 -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_9_during_indexing_loses_nothing(tmp_path, tiny_checkpoint, coco_source):
     dataset = tmp_path / "dataset"
     annotations = copy_photos(coco_source, dataset, 0, 48)

@@ -162,6 +162,7 @@ def indexed_ids(url: str) -> list[str]:
     return [hit["id"] for hit in found.json()["results"]]
 
 
+@pytest.mark.slow
 def test_fuzz_every_endpoint(fuzz_server):
     server, settings, base = fuzz_server
     forbidden = forbidden_texts(settings, base)

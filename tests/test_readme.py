@@ -146,6 +146,7 @@ def check_evaluation(done: subprocess.CompletedProcess) -> None:
 # -- the test ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_readme_example_runs_as_written(tmp_path, tiny_checkpoint):
     examples = readme_examples()
     commands = [example.command for example in examples]

@@ -464,6 +464,7 @@ def test_pages_do_not_overlap_and_add_up_to_the_top(coco_engine, options):
     assert [hit.rank for hit in second.hits] == list(range(k + 1, k + 1 + len(second.hits)))
 
 
+@pytest.mark.slow
 def test_recall_against_exact_search_on_100k_clustered_vectors(tmp_path):
     """Unfiltered top-10 from the HNSW graph agrees with exact numpy cosine top-10."""
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny512.pt", embed_dim=512)

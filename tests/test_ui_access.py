@@ -236,8 +236,9 @@ def test_ui_served_by_the_api_works_with_no_step(page, server):
     page.fill("#query", "a photo")
     wait_for_search(page, lambda: page.press("#query", "Enter"))
     assert len(card_ids(page)) == PHOTOS
-    for image in page.locator("#grid .card img").all():
-        assert image.evaluate("img => img.complete && img.naturalWidth > 0")
+    page.wait_for_function(  # thumbnails load by URL after the cards appear: wait, then they must all show
+        "() => [...document.querySelectorAll('#grid .card img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     page.locator("#grid .card-button").first.click()
     page.wait_for_function("() => document.querySelector('#preview-image').src.includes('/images/')")
     page.wait_for_function("() => document.querySelector('#preview-image').naturalWidth > 0")

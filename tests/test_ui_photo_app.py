@@ -188,6 +188,10 @@ def test_fifty_results_on_slow_4g_small_answer_fast_first_paint_cached_thumbnail
 
     cdp.send("Network.emulateNetworkConditions", {**SLOW_4G, "latency": 0, "downloadThroughput": -1})
     page.wait_for_function(VISIBLE_PHOTOS_LOADED)
+    for _ in range(50):  # the network events come over CDP, a little after the pictures show
+        if len(fetched) >= 10:
+            break
+        page.wait_for_timeout(100)
     loaded = len(fetched)
     assert loaded == len(set(fetched)) >= 10
     wait_for_search(page, lambda: page.click("label[for=mode-hybrid]"))

@@ -1,15 +1,31 @@
-"""The in-memory mirror of a collection: vectors and metadata by id, for exact and filtered ranking.
+"""The mirror of a collection, kept on disk: vectors memory-mapped, metadata and keywords in SQLite.
 
 Chroma stays the store of record and answers unfiltered nearest-neighbour queries from its HNSW
 graph; this mirror answers what the graph cannot do well: filters, exact cosine over a subset,
 vectors by id (more like this, duplicate collapse) and keyword search.
+
+One mirror is one folder: `vectors.f32` (one float32 row per image, rows reused after deletes) and
+`mirror.sqlite` (each row's id and metadata as JSON, the FTS5 keyword table, the field counts and the
+stamp of the collection state it reflects). Opening it reads only the ids, so start-up time and
+memory do not grow with the metadata; the vectors are paged in by the kernel as they are used. The
+stamp is cleared before each write to the store and set again after, so a mirror a crash left
+half-written never matches the collection and is rebuilt (store.py).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
 import threading
+import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,25 +33,95 @@ import numpy as np
 from filters import Filter
 from keywords import KeywordIndex
 
-MASK_CACHE_SIZE = 32
+log = logging.getLogger(__name__)
+
+VECTORS_FILE = "vectors.f32"
+DATABASE_FILE = "mirror.sqlite"
+CURRENT_FILE = "current"
+LOCK_FILE = ".lock"
+SCHEMA_VERSION = "1"
+# Filter masks kept per mirror, bounded by their total size (one byte per row).
+MASK_CACHE_BYTES = 16 * 1024 * 1024
+MIN_ROWS = 1024
+READ_CHUNK = 20000
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (row INTEGER PRIMARY KEY, id TEXT NOT NULL, meta TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class MirrorDamaged(Exception):
+    """The mirror's files cannot be read as a mirror (it is then rebuilt from the store)."""
 
 
 class Catalog:
-    """Vectors in one growing matrix (rows reused after deletes) and metadata per row; thread-safe."""
+    """Vectors and metadata by id in one folder; thread-safe (one lock, one SQLite connection)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, folder: Path, dim: int) -> None:
+        self.folder = folder
         self.dim = dim
-        self.keywords = KeywordIndex()
         self._lock = threading.RLock()
-        self._vectors = np.zeros((0, dim), dtype=np.float32)
-        self._alive = np.zeros(0, dtype=bool)
         self._ids: list[str | None] = []
-        self._metas: list[dict[str, Any] | None] = []
+        self._alive = np.zeros(0, dtype=bool)
         self._rows: dict[str, int] = {}
         self._free: list[int] = []
-        self._version = 0
-        self._masks: OrderedDict[str, tuple[int, np.ndarray]] = OrderedDict()
-        self._field_counts: Counter[str] = Counter()
+        self._masks: OrderedDict[str, tuple[Filter, np.ndarray]] = OrderedDict()
+        self._watchers: list[set[int]] = []
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(folder / DATABASE_FILE, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._db:
+                self._db.executescript(SCHEMA)
+                self.keywords = KeywordIndex(self._db, self._lock)
+            self._check_schema()
+            self._field_counts = Counter(dict(self._db.execute("SELECT name, count FROM fields")))
+            self._vectors = self._map_vectors()
+            self._read_ids()
+        except (sqlite3.Error, OSError, ValueError) as error:
+            raise MirrorDamaged(f"{folder}: {error}") from error
+
+    def _check_schema(self) -> None:
+        found = dict(self._db.execute("SELECT key, value FROM state"))
+        if not found:
+            with self._db:
+                self._set_state(schema=SCHEMA_VERSION, dim=str(self.dim), stamp="")
+        elif found.get("schema") != SCHEMA_VERSION or found.get("dim") != str(self.dim):
+            raise ValueError(f"schema {found.get('schema')} / dim {found.get('dim')} is not this engine's")
+
+    def _set_state(self, **values: str) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", values.items())
+
+    def _map_vectors(self, rows: int = 0) -> np.memmap:
+        path = self.folder / VECTORS_FILE
+        path.touch()
+        row_bytes = self.dim * 4
+        size = path.stat().st_size
+        if size % row_bytes:
+            raise ValueError(f"{path} holds {size} bytes, not whole rows of {self.dim} float32")
+        rows = max(rows, size // row_bytes, MIN_ROWS)
+        if rows * row_bytes != size:
+            with open(path, "r+b") as file:
+                file.truncate(rows * row_bytes)
+        return np.memmap(path, dtype=np.float32, mode="r+", shape=(rows, self.dim))
+
+    def _read_ids(self) -> None:
+        capacity = len(self._vectors)
+        self._ids = [None] * capacity
+        for row, image_id in self._db.execute("SELECT row, id FROM images"):
+            if row >= capacity:
+                raise ValueError(f"row {row} is past the vectors file ({capacity} rows)")
+            self._ids[row] = image_id
+            self._rows[image_id] = row
+        self._alive = np.array([image_id is not None for image_id in self._ids], dtype=bool)
+        self._free = [row for row in range(capacity - 1, -1, -1) if self._ids[row] is None]
+
+    def close(self) -> None:
+        with self._lock:
+            self._vectors.flush()
+            self._db.close()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -43,88 +129,145 @@ class Catalog:
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._rows
 
-    def put(
-        self, ids: list[str], vectors: np.ndarray, metadatas: list[dict[str, Any]], keywords: bool = True
-    ) -> None:
+    # -- the stamp -------------------------------------------------------------------------------
+
+    def stamp(self) -> str:
+        """The collection state this mirror reflects ('' while a write is under way or after a crash)."""
         with self._lock:
-            self._reserve(sum(1 for image_id in ids if image_id not in self._rows))
-            for image_id, vector, metadata in zip(ids, vectors, metadatas, strict=True):
+            found = self._db.execute("SELECT value FROM state WHERE key = 'stamp'").fetchone()
+            return found[0] if found else ""
+
+    def set_stamp(self, stamp: str) -> None:
+        """Record that the mirror reflects the collection state `stamp` (vectors flushed first)."""
+        with self._lock:
+            if stamp:
+                self._vectors.flush()
+            with self._db:
+                self._set_state(stamp=stamp)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def put(self, ids: list[str], vectors: np.ndarray, metadatas: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._reserve(sum(1 for image_id in set(ids) if image_id not in self._rows))
+            rows = []
+            for image_id in ids:
                 row = self._rows.get(image_id)
                 if row is None:
                     row = self._free.pop()
                     self._rows[image_id] = row
                     self._ids[row] = image_id
                     self._alive[row] = True
-                self._vectors[row] = vector
-                self._set_metadata(row, metadata)
-            self._version += 1
-        if keywords:
-            self.keywords.put(list(zip(ids, metadatas, strict=True)))
+                rows.append(row)
+            self._vectors[rows] = vectors
+            with self._db:
+                self._store_metadata(list(zip(rows, ids, metadatas, strict=True)))
 
     def update_metadata(self, ids: list[str], metadatas: list[dict[str, Any]]) -> None:
         """Replace the metadata of the images this mirror has (others are skipped)."""
         with self._lock:
-            known = [(i, m) for i, m in zip(ids, metadatas, strict=True) if i in self._rows]
-            for image_id, metadata in known:
-                self._set_metadata(self._rows[image_id], metadata)
-            self._version += 1
-        self.keywords.put(known)
+            known = [
+                (self._rows[image_id], image_id, metadata)
+                for image_id, metadata in zip(ids, metadatas, strict=True)
+                if image_id in self._rows
+            ]
+            with self._db:
+                self._store_metadata(known)
 
     def remove(self, ids: Iterable[str]) -> None:
-        ids = [image_id for image_id in ids if image_id in self._rows]
         with self._lock:
-            for image_id in ids:
-                row = self._rows.pop(image_id)
-                self._alive[row] = False
+            rows = [self._rows.pop(image_id) for image_id in dict.fromkeys(ids) if image_id in self._rows]
+            with self._db:
+                self._forget_fields(rows)
+                self._db.executemany("DELETE FROM images WHERE row = ?", [(row,) for row in rows])
+                self.keywords.remove(rows)
+                self._save_field_counts()
+            for row in rows:
                 self._ids[row] = None
-                self._field_counts.subtract((self._metas[row] or {}).keys())
-                self._metas[row] = None
+                self._alive[row] = False
                 self._free.append(row)
-            self._version += 1
-        self.keywords.remove(ids)
+            self._touch({row: None for row in rows})
 
-    def _set_metadata(self, row: int, metadata: dict[str, Any]) -> None:
-        self._field_counts.subtract((self._metas[row] or {}).keys())
-        self._metas[row] = dict(metadata)
-        self._field_counts.update(metadata.keys())
+    def _store_metadata(self, rows: list[tuple[int, str, dict[str, Any]]]) -> None:
+        self._forget_fields([row for row, _, _ in rows])
+        self._db.executemany(
+            "INSERT OR REPLACE INTO images VALUES (?, ?, ?)",
+            [(row, image_id, json.dumps(metadata)) for row, image_id, metadata in rows],
+        )
+        self.keywords.put(rows)
+        for _, _, metadata in rows:
+            self._field_counts.update(metadata.keys())
+        self._save_field_counts()
+        self._touch({row: metadata for row, _, metadata in rows})
 
-    def field_names(self) -> frozenset[str]:
-        """The metadata fields that at least one image has."""
-        with self._lock:
-            return frozenset(name for name, count in self._field_counts.items() if count > 0)
+    def _touch(self, changed: dict[int, dict[str, Any] | None]) -> None:
+        """Bring the cached filter masks up to date with rows written (metadata) or removed (None)."""
+        for watcher in self._watchers:
+            watcher.update(changed)
+        for key, (image_filter, mask) in self._masks.items():
+            if changed and max(changed) >= len(mask):
+                mask = np.concatenate([mask, np.zeros(len(self._ids) - len(mask), dtype=bool)])
+                self._masks[key] = (image_filter, mask)
+            for row, metadata in changed.items():
+                mask[row] = metadata is not None and image_filter.matches(metadata)
+
+    def _forget_fields(self, rows: list[int]) -> None:
+        for _, metadata in self._metadata_of(rows):
+            self._field_counts.subtract(metadata.keys())
+
+    def _save_field_counts(self) -> None:
+        self._db.execute("DELETE FROM fields")
+        self._db.executemany(
+            "INSERT INTO fields VALUES (?, ?)", [(name, n) for name, n in self._field_counts.items() if n > 0]
+        )
 
     def _reserve(self, extra: int) -> None:
         missing = extra - len(self._free)
         if missing <= 0:
             return
         old = len(self._ids)
-        size = max(old + missing, int(old * 1.5), 1024)
-        vectors = np.zeros((size, self.dim), dtype=np.float32)
-        vectors[:old] = self._vectors
-        alive = np.zeros(size, dtype=bool)
-        alive[:old] = self._alive
-        self._vectors, self._alive = vectors, alive
+        size = max(old + missing, int(old * 1.5), MIN_ROWS)
+        self._vectors.flush()
+        self._vectors = self._map_vectors(size)
         self._ids.extend([None] * (size - old))
-        self._metas.extend([None] * (size - old))
+        self._alive = np.concatenate([self._alive, np.zeros(size - old, dtype=bool)])
         self._free.extend(range(size - 1, old - 1, -1))
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _metadata_of(self, rows: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT row, meta FROM images WHERE row IN ({marks})"
+            for row, meta in self._db.execute(query, chunk).fetchall():
+                yield row, json.loads(meta)
+
+    def field_names(self) -> frozenset[str]:
+        """The metadata fields that at least one image has."""
+        with self._lock:
+            return frozenset(name for name, count in self._field_counts.items() if count > 0)
 
     def metadata(self, image_id: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._rows.get(image_id)
-            return None if row is None else dict(self._metas[row])
+            if row is None:
+                return None
+            found = self._db.execute("SELECT meta FROM images WHERE row = ?", (row,)).fetchone()
+            return json.loads(found[0]) if found else None
 
     def vector(self, image_id: str) -> np.ndarray | None:
         with self._lock:
             row = self._rows.get(image_id)
-            return None if row is None else self._vectors[row].copy()
+            return None if row is None else np.array(self._vectors[row])
 
     def vectors(self, ids: list[str], missing_ok: bool = False) -> np.ndarray:
         """The vectors of the images; with `missing_ok`, a zero vector for an id removed meanwhile."""
         with self._lock:
             if not missing_ok:
-                return self._vectors[[self._rows[image_id] for image_id in ids]].copy()
+                return np.array(self._vectors[[self._rows[image_id] for image_id in ids]])
             rows = [self._rows.get(image_id, -1) for image_id in ids]
-            vectors = self._vectors[rows] if rows else np.zeros((0, self.dim), dtype=np.float32)
+            vectors = np.array(self._vectors[rows]) if rows else np.zeros((0, self.dim), dtype=np.float32)
             vectors[[i for i, row in enumerate(rows) if row < 0]] = 0.0
             return vectors
 
@@ -132,28 +275,67 @@ class Catalog:
         """The metadata field `key` of each image (None where absent or removed meanwhile)."""
         with self._lock:
             rows = [self._rows.get(image_id) for image_id in ids]
-            return [None if row is None else self._metas[row].get(key) for row in rows]
+            found = dict(self._metadata_of([row for row in rows if row is not None]))
+        return [None if row is None else found.get(row, {}).get(key) for row in rows]
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
-        with self._lock:
-            return [(image_id, dict(self._metas[row])) for image_id, row in self._rows.items()]
+        return [(image_id, metadata) for _, image_id, metadata in self._all_records()]
+
+    def _all_records(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """Every (row, id, metadata), read on a connection of its own (writes are not held up)."""
+        reader = sqlite3.connect(self.folder / DATABASE_FILE)
+        try:
+            last = -1
+            while True:
+                chunk = reader.execute(
+                    "SELECT row, id, meta FROM images WHERE row > ? ORDER BY row LIMIT ?", (last, READ_CHUNK)
+                ).fetchall()
+                if not chunk:
+                    return
+                for row, image_id, meta in chunk:
+                    yield row, image_id, json.loads(meta)
+                last = chunk[-1][0]
+        finally:
+            reader.close()
 
     def mask(self, image_filter: Filter | None) -> np.ndarray:
-        """Which rows are live images matching the filter."""
+        """Which rows are live images matching the filter.
+
+        A filter's first use reads every image's metadata, on a connection of its own so that writes
+        and other searches go on; its mask is then cached and kept up to date by the writes.
+        """
         with self._lock:
             if image_filter is None:
                 return self._alive.copy()
             cached = self._masks.get(image_filter.key)
-            if cached and cached[0] == self._version:
+            if cached:
                 self._masks.move_to_end(image_filter.key)
                 return cached[1]
-            mask = np.zeros(len(self._ids), dtype=bool)
-            for row in self._rows.values():
-                mask[row] = image_filter.matches(self._metas[row])
-            self._masks[image_filter.key] = (self._version, mask)
-            while len(self._masks) > MASK_CACHE_SIZE:
-                self._masks.popitem(last=False)
-            return mask
+            watcher: set[int] = set()
+            self._watchers.append(watcher)
+            size = len(self._ids)
+        try:
+            mask = np.zeros(size, dtype=bool)
+            for row, _, metadata in self._all_records():
+                if row < size:
+                    mask[row] = image_filter.matches(metadata)
+        finally:
+            with self._lock:
+                self._watchers.remove(watcher)
+        with self._lock:
+            return self._cache_mask(image_filter, mask, watcher)
+
+    def _cache_mask(self, image_filter: Filter, mask: np.ndarray, written: set[int]) -> np.ndarray:
+        """Cache a mask computed outside the lock, after redoing the rows written meanwhile."""
+        if len(mask) < len(self._ids):
+            mask = np.concatenate([mask, np.zeros(len(self._ids) - len(mask), dtype=bool)])
+        for row, metadata in self._metadata_of(sorted(written)):
+            mask[row] = image_filter.matches(metadata)
+        mask[list(written)] &= self._alive[list(written)]
+        self._masks[image_filter.key] = (image_filter, mask)
+        while len(self._masks) > max(1, MASK_CACHE_BYTES // max(len(mask), 1)):
+            self._masks.popitem(last=False)
+        return mask
 
     def selected(self, ids: list[str], mask: np.ndarray) -> list[bool]:
         """Whether each id is an image whose row `mask` selects."""
@@ -166,9 +348,9 @@ class Catalog:
     ) -> list[tuple[str, float]]:
         """The `count` best (id, cosine) among the rows of `mask`, by exact cosine similarity."""
         with self._lock:
-            mask = mask[: len(self._ids)].copy()
+            mask = mask[: len(self._ids)] & self._alive[: len(mask)]
             for image_id in exclude:
-                if image_id in self._rows:
+                if image_id in self._rows and self._rows[image_id] < len(mask):
                     mask[self._rows[image_id]] = False
             rows = np.flatnonzero(mask)
             if rows.size == 0:
@@ -183,3 +365,70 @@ class Catalog:
     def scores(self, ids: list[str], query: np.ndarray) -> np.ndarray:
         """Cosine of each image with `query`; 0 for an id removed meanwhile (a search racing a delete)."""
         return self.vectors(ids, missing_ok=True) @ query if ids else np.zeros(0, dtype=np.float32)
+
+
+class MirrorFolder:
+    """The builds of one collection's mirror under one folder, and which of them is current.
+
+    A mirror is rebuilt into a new sub-folder and made current by replacing the `current` file, so a
+    build cut short never replaces a good mirror. The folder is locked by one process at a time; a
+    second process on the same machine (server mode) keeps its mirror in a temporary folder instead.
+    """
+
+    def __init__(self, folder: Path, dim: int) -> None:
+        self.dim = dim
+        self._lock_file = None
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
+        self.folder = self._locked(folder)
+
+    def _locked(self, folder: Path) -> Path:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock_file = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held open while locked
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            self._temporary = tempfile.TemporaryDirectory(prefix="image-search-mirror-")
+            log.info("mirror folder %s not usable (%s): this process keeps its own", folder, error)
+            return Path(self._temporary.name)
+        self._lock_file = lock_file
+        return folder
+
+    def open_current(self, stamp: str, count: int) -> Catalog | None:
+        """The current mirror if it reflects the collection state `stamp` with `count` images."""
+        try:
+            name = (self.folder / CURRENT_FILE).read_text().strip()
+        except OSError:
+            return None
+        if not name or not (self.folder / name).is_dir():
+            return None
+        try:
+            catalog = Catalog(self.folder / name, self.dim)
+        except MirrorDamaged as error:
+            log.warning("the mirror cannot be read, rebuilding it: %s", error)
+            return None
+        if catalog.stamp() == stamp and len(catalog) == count:
+            return catalog
+        log.info("the mirror at %s is stale, rebuilding it", catalog.folder)
+        catalog.close()
+        return None
+
+    def new_build(self) -> Catalog:
+        return Catalog(self.folder / f"build-{uuid.uuid4().hex[:12]}", self.dim)
+
+    def make_current(self, catalog: Catalog) -> None:
+        """Point `current` at `catalog`'s folder and delete every other build."""
+        pointer = self.folder / (CURRENT_FILE + ".new")
+        pointer.write_text(catalog.folder.name)
+        os.replace(pointer, self.folder / CURRENT_FILE)
+        for build in self.folder.glob("build-*"):
+            if build != catalog.folder:
+                shutil.rmtree(build, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None

@@ -21,6 +21,9 @@ class Settings:
     CHROMA_HOST: str = ""
     CHROMA_PORT: int = 8001
     COLLECTION_NAME: str = "image_embeddings"
+    # Where the on-disk mirror of the collection (vectors, metadata, keywords) lives; empty means
+    # <CHROMA_DB_PATH>/mirror with an embedded database, ~/.cache/semantic-image-search/mirror with a server.
+    MIRROR_FOLDER: str = ""
     METADATA_FILE_NAMES: str = "metadata.csv,metadata.json"
     # Custom metadata limits (metadata files and POST /index alike); Chroma breaks past ~5,400 values.
     METADATA_MAX_RECORDS: int = 500000

@@ -48,7 +48,6 @@ STOP_WORDS = frozenset(
     ]
 )
 PREFIX_MIN_LENGTH = 3
-BUILD_CHUNK = 2000
 # BM25 weights of the columns id, name, folder, description, tags, place, camera (id is not searched).
 COLUMN_WEIGHTS = (0.0, 2.0, 1.0, 1.0, 3.0, 2.0, 1.0)
 FIELDS = ("name", "folder", "description", "tags", "place", "camera")
@@ -118,79 +117,38 @@ def _joined(metadata: dict[str, Any], keys: tuple[str, ...]) -> str:
 
 
 class KeywordIndex:
-    """An in-memory FTS5 table, one row per image; thread-safe.
+    """An FTS5 table, one row per image, in the mirror's SQLite database (rowid = the image's row).
 
-    `build_in_background` fills it from a snapshot on a thread, so that opening a large collection
-    does not wait for it; searches wait until it is complete, and writes made meanwhile win over the
-    snapshot.
+    It shares the catalog's connection and lock; `put` and `remove` run inside the catalog's
+    transaction, so the table always agrees with the images it indexes.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._ready.set()
-        self._db = sqlite3.connect(":memory:", check_same_thread=False)
-        self._rowids: dict[str, int] = {}
-        self._removed_while_building: set[str] = set()
-        self._next_rowid = 0
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
+        self._db = db
+        self._lock = lock
         self._db.execute(
-            "CREATE VIRTUAL TABLE docs USING fts5("
+            "CREATE VIRTUAL TABLE IF NOT EXISTS docs USING fts5("
             "id UNINDEXED, name, folder, description, tags, place, camera, "
             "tokenize='porter unicode61 remove_diacritics 2')"
         )
 
-    def put(self, items: list[tuple[str, dict[str, Any]]]) -> None:
-        with self._lock, self._db:
-            self._delete([image_id for image_id, _ in items])
-            self._insert(items)
-
-    def remove(self, ids: list[str]) -> None:
-        with self._lock, self._db:
-            self._delete(ids)
-            if not self._ready.is_set():
-                self._removed_while_building.update(ids)
-
-    def build_in_background(self, snapshot: list[tuple[str, dict[str, Any]]]) -> threading.Thread:
-        self._ready.clear()
-        thread = threading.Thread(target=self._build, args=(snapshot,), name="keyword-index", daemon=True)
-        thread.start()
-        return thread
-
-    def _build(self, snapshot: list[tuple[str, dict[str, Any]]]) -> None:
-        try:
-            for start in range(0, len(snapshot), BUILD_CHUNK):
-                with self._lock, self._db:
-                    skip = self._rowids.keys() | self._removed_while_building
-                    self._insert(
-                        [item for item in snapshot[start : start + BUILD_CHUNK] if item[0] not in skip]
-                    )
-        finally:
-            with self._lock:
-                self._removed_while_building.clear()
-            self._ready.set()
-
-    def _insert(self, items: list[tuple[str, dict[str, Any]]]) -> None:
-        rows = []
-        for image_id, metadata in items:
-            self._next_rowid += 1
-            self._rowids[image_id] = self._next_rowid
-            rows.append((self._next_rowid, image_id, *document_fields(metadata)))
+    def put(self, rows: list[tuple[int, str, dict[str, Any]]]) -> None:
+        """Index (row, id, metadata) of each image, replacing what those rows held."""
+        self.remove([row for row, _, _ in rows])
         self._db.executemany(
             "INSERT INTO docs(rowid, id, name, folder, description, tags, place, camera) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
+            [(row, image_id, *document_fields(metadata)) for row, image_id, metadata in rows],
         )
 
-    def _delete(self, ids: list[str]) -> None:
-        rowids = [(self._rowids.pop(image_id),) for image_id in ids if image_id in self._rowids]
-        self._db.executemany("DELETE FROM docs WHERE rowid = ?", rowids)
+    def remove(self, rows: list[int]) -> None:
+        self._db.executemany("DELETE FROM docs WHERE rowid = ?", [(row,) for row in rows])
 
     def search(self, query: str, limit: int | None = None) -> list[KeywordHit]:
         """Images matching any query word, best BM25 score first, with the words each one matched."""
         terms = query_terms(query)
         if not terms:
             return []
-        self._ready.wait()
         weights = ", ".join(str(weight) for weight in COLUMN_WEIGHTS)
         sql = f"SELECT id, -bm25(docs, {weights}) FROM docs WHERE docs MATCH ? ORDER BY bm25(docs, {weights})"
         if limit is not None:

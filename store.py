@@ -32,6 +32,8 @@ import fcntl
 import json
 import logging
 import os
+import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -40,8 +42,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm import tqdm
 
-from catalog import Catalog
+from catalog import Catalog, MirrorFolder
 from config import Settings
 from errors import (
     DamagedStore,
@@ -63,6 +66,9 @@ LOCK_FILE = ".lock"
 OWNER_FILE = "owner.json"
 # How often a server-mode reader asks the collection whether another process wrote to it.
 STALE_CHECK_SECONDS = 1.0
+# A mirror rebuild of this many images or more shows a progress bar (on a terminal).
+PROGRESS_FROM = 50000
+DEFAULT_SERVER_MIRROR = "~/.cache/semantic-image-search/mirror"
 
 
 class DatabaseLock:
@@ -201,6 +207,16 @@ def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
+def mirror_folder(settings: Settings) -> Path:
+    """Where this collection's mirror lives (see MIRROR_FOLDER)."""
+    if settings.server_mode:
+        root = Path(settings.MIRROR_FOLDER or DEFAULT_SERVER_MIRROR).expanduser()
+        root /= f"{settings.CHROMA_HOST}-{settings.CHROMA_PORT}"
+    else:
+        root = Path(settings.MIRROR_FOLDER or Path(settings.CHROMA_DB_PATH) / "mirror").expanduser()
+    return root / settings.COLLECTION_NAME
+
+
 def lock_database(settings: Settings, role: str, create: bool = True) -> DatabaseLock | None:
     """Take the embedded database's lock for this process (None in server mode)."""
     if settings.server_mode:
@@ -257,10 +273,17 @@ class VectorStore:
         self._rebuilder: threading.Thread | None = None
         self._journal: list[Change] | None = None
         self._last_stale_check = time.monotonic()
+        self._mirror: MirrorFolder | None = None
+        self._view: StoreView | None = None
+        self._sent = 0
+        self._unfinished = False
         try:
             self.client = open_client(settings)
             with translated_errors(settings):
-                self._view = self._read_view(self._open_collection(rebuild, create))
+                collection = self._open_collection(rebuild, create)
+                self._mirror = MirrorFolder(mirror_folder(settings), dim)
+                self._view = self._reuse_view(collection) or self._read_view(collection)
+            self._mirror.make_current(self._view.catalog)
         except BaseException:
             self.close()
             raise
@@ -271,6 +294,12 @@ class VectorStore:
         rebuilder = self._rebuilder
         if rebuilder is not None:
             rebuilder.join()
+        if self._view is not None:
+            self._view.catalog.close()
+            self._view = None
+        if self._mirror is not None:
+            self._mirror.close()
+            self._mirror = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -352,25 +381,39 @@ class VectorStore:
 
     # -- the mirror ------------------------------------------------------------------------------
 
-    def _read_view(self, collection: Any) -> StoreView:
-        """A new mirror of `collection`, with the stamp the collection had before it was read."""
+    def _reuse_view(self, collection: Any) -> StoreView | None:
+        """The mirror on disk, if it reflects the collection as it is now."""
         stamp = (collection.metadata or {}).get("stamp", "")
-        catalog = Catalog(self.dim)
+        catalog = self._mirror.open_current(stamp, collection.count())
+        if catalog is None:
+            return None
+        log.info("collection %s: %d images (mirror on disk)", self.settings.COLLECTION_NAME, len(catalog))
+        return StoreView(collection, catalog, stamp)
+
+    def _read_view(self, collection: Any) -> StoreView:
+        """A new mirror of `collection` (not yet current), with the stamp the collection had before it
+        was read."""
+        stamp = (collection.metadata or {}).get("stamp", "")
+        catalog = self._mirror.new_build()
         page = self.client.get_max_batch_size()
         offset = 0
-        while True:
-            records = collection.get(include=["embeddings", "metadatas"], limit=page, offset=offset)
-            if not records["ids"]:
-                break
-            catalog.put(
-                list(records["ids"]),
-                np.asarray(records["embeddings"], dtype=np.float32),
-                list(records["metadatas"]),
-                keywords=False,
-            )
-            offset += len(records["ids"])
-        catalog.keywords.build_in_background(catalog.items())
-        log.info("collection %s: %d images", self.settings.COLLECTION_NAME, len(catalog))
+        total = collection.count()
+        with tqdm(
+            total=total, unit="img", desc="mirroring", file=sys.stderr, disable=total < PROGRESS_FROM or None
+        ) as bar:
+            while True:
+                records = collection.get(include=["embeddings", "metadatas"], limit=page, offset=offset)
+                if not records["ids"]:
+                    break
+                catalog.put(
+                    list(records["ids"]),
+                    np.asarray(records["embeddings"], dtype=np.float32),
+                    list(records["metadatas"]),
+                )
+                offset += len(records["ids"])
+                bar.update(len(records["ids"]))
+        catalog.set_stamp(stamp)
+        log.info("collection %s: %d images (mirror rebuilt)", self.settings.COLLECTION_NAME, len(catalog))
         return StoreView(collection, catalog, stamp)
 
     def _stored_stamp(self) -> str:
@@ -417,6 +460,7 @@ class VectorStore:
             with self._write_lock:
                 for change in self._journal:
                     change(view.catalog)
+                self._mirror.make_current(view.catalog)
                 self._view = view
         except Exception as error:
             log.warning("cannot reload the collection, searches keep the previous state: %s", error)
@@ -428,46 +472,80 @@ class VectorStore:
 
     # -- writing ---------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """One write, under the write lock; yields the collection. The mirror on disk is marked
+        unfinished (an empty stamp) until Chroma, the mirror and the collection's stamp are written.
+        A write that fails before Chroma took any of it leaves the mark as it was; one that fails later
+        leaves the mirror on disk marked for a rebuild at the next start."""
+        with self._write_lock, translated_errors(self.settings):
+            catalog = self._view.catalog
+            before = catalog.stamp()
+            self._guarded(lambda: catalog.set_stamp(""))
+            self._sent = 0
+            try:
+                yield self._view.collection
+                self._bump_stamp()
+            except BaseException:
+                if self._sent == 0 and not self._unfinished:
+                    self._guarded(lambda: catalog.set_stamp(before))
+                else:
+                    self._unfinished = True
+                raise
+            if not self._unfinished:
+                self._guarded(lambda: self._view.catalog.set_stamp(self._view.stamp))
+
+    def _send(self, call: Callable[..., Any], **arguments: Any) -> None:
+        """One call that writes to Chroma, counted (see `_writing`)."""
+        call(**arguments)
+        self._sent += 1
+
     def write(self, ids: list[str], vectors: np.ndarray, metadatas: list[dict[str, Any]]) -> None:
         """Store vectors and metadata (insert or replace)."""
         vectors = np.asarray(vectors, dtype=np.float32)
-        with self._write_lock, translated_errors(self.settings):
-            collection = self._view.collection
+        with self._writing() as collection:
             stored = self._replacing(ids, metadatas)
             for chunk in batched(list(range(len(ids))), self.client.get_max_batch_size()):
-                collection.upsert(
+                self._send(
+                    collection.upsert,
                     ids=[ids[i] for i in chunk],
                     embeddings=vectors[chunk],
                     metadatas=[stored[i] for i in chunk],
                 )
             self._apply(lambda catalog: catalog.put(ids, vectors, metadatas))
-            self._bump_stamp()
 
     def update_metadata(self, ids: list[str], metadatas: list[dict[str, Any]]) -> None:
         """Replace the metadata of stored images (their vectors stay)."""
-        with self._write_lock, translated_errors(self.settings):
-            collection = self._view.collection
+        with self._writing() as collection:
             stored = self._replacing(ids, metadatas)
             for chunk in batched(list(range(len(ids))), self.client.get_max_batch_size()):
-                collection.update(ids=[ids[i] for i in chunk], metadatas=[stored[i] for i in chunk])
+                chunk_ids, chunk_metadatas = [ids[i] for i in chunk], [stored[i] for i in chunk]
+                self._send(collection.update, ids=chunk_ids, metadatas=chunk_metadatas)
             self._apply(lambda catalog: catalog.update_metadata(ids, metadatas))
-            self._bump_stamp()
 
     def delete(self, ids: list[str]) -> None:
         if not ids:
             return
-        with self._write_lock, translated_errors(self.settings):
-            collection = self._view.collection
+        with self._writing() as collection:
             for chunk in batched(ids, self.client.get_max_batch_size()):
-                collection.delete(ids=chunk)
+                self._send(collection.delete, ids=chunk)
             self._apply(lambda catalog: catalog.remove(ids))
-            self._bump_stamp()
 
     def _apply(self, change: Change) -> None:
         """Apply a write to the mirror, and keep it for a mirror being rebuilt."""
-        change(self._view.catalog)
+        self._guarded(lambda: change(self._view.catalog))
         if self._journal is not None:
             self._journal.append(change)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run a step that writes the mirror's files; a failure (disk full) is a `StoreError`."""
+        try:
+            step()
+        except (sqlite3.Error, OSError) as error:
+            raise StoreError(
+                f"cannot write the mirror at {self._view.catalog.folder}: {error} (Chroma holds the "
+                "write; the mirror is rebuilt from it at the next start)"
+            ) from None
 
     def _replacing(self, ids: list[str], metadatas: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Chroma metadata that replaces the stored one: Chroma merges, so a field the image had and has

@@ -105,7 +105,9 @@ def build(collection: SyntheticCollection) -> None:
             log.warning(
                 "collection %d: %d written", collection.size, min(start + WRITE_CHUNK, collection.size)
             )
-    log.warning("collection %d built in %.0f s", collection.size, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    (collection.folder / "build_seconds").write_text(f"{seconds:.1f}")
+    log.warning("collection %d built in %.0f s", collection.size, seconds)
 
 
 def write_files(collection: SyntheticCollection) -> list[dict[str, Any]]:

@@ -60,6 +60,8 @@ def make_settings(tmp_path: Path, dataset: Path, checkpoint: Path, **overrides) 
         # Random weights put all images close together (median cosine 0.95), so only true
         # duplicates are collapsed in tests; collapse itself is tested on constructed vectors.
         DUPLICATE_THRESHOLD=0.9999,
+        # A server-mode mirror would otherwise go to ~/.cache; embedded ones stay in the database folder.
+        MIRROR_FOLDER=str(tmp_path / "mirror") if overrides.get("CHROMA_HOST") else "",
     ).with_overrides(**overrides)
 
 

@@ -318,9 +318,6 @@ def test_searches_while_images_move_and_vanish(indexed):
             {"path": f"s/{n}.jpg", "name": f"{n}.jpg", "tags": ["dog"], "width": n} for n in range(200)
         ]
         engine.store.write(ids, vectors, metadata)
-        engine.store.view().catalog.keywords.wait_until_built() if hasattr(
-            engine.store.view().catalog.keywords, "wait_until_built"
-        ) else None
         stop = threading.Event()
         errors: list[str] = []
 
@@ -373,7 +370,7 @@ def mirror_only_images(engine: ImageRetrieval, vectors: np.ndarray, tag: str) ->
     """Images in the engine's in-memory mirror only (enough for filtered, exact searches)."""
     ids = [f"{tag}-{n}" for n in range(len(vectors))]
     metadatas = [{"path": f"{tag}/{n}.jpg", "name": f"{n}.jpg", "tags": [tag]} for n in range(len(vectors))]
-    engine.store.view().catalog.put(ids, vectors, metadatas, keywords=False)
+    engine.store.view().catalog.put(ids, vectors, metadatas)
     return ids
 
 

@@ -1,8 +1,15 @@
-"""The keyword index on its own: BM25 order, field scopes, and building it while writes arrive."""
+"""The keyword index on its own: BM25 order, field scopes, rows replaced and removed."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+
 from keywords import KeywordIndex, name_words, query_terms
+
+
+def new_index() -> KeywordIndex:
+    return KeywordIndex(sqlite3.connect(":memory:"), threading.RLock())
 
 
 def document(name: str, description: str = "", tags: list[str] | None = None) -> dict:
@@ -10,13 +17,13 @@ def document(name: str, description: str = "", tags: list[str] | None = None) ->
 
 
 def test_bm25_ranks_more_relevant_documents_first():
-    index = KeywordIndex()
+    index = new_index()
     index.put(
         [
-            ("once", document("a.jpg", "a dog on a beach with people and umbrellas and towels")),
-            ("twice", document("b.jpg", "dog and another dog")),
-            ("tagged", document("c.jpg", "an animal", ["dog"])),
-            ("none", document("d.jpg", "a cat")),
+            (1, "once", document("a.jpg", "a dog on a beach with people and umbrellas and towels")),
+            (2, "twice", document("b.jpg", "dog and another dog")),
+            (3, "tagged", document("c.jpg", "an animal", ["dog"])),
+            (4, "none", document("d.jpg", "a cat")),
         ]
     )
     hits = index.search("dogs")
@@ -35,21 +42,18 @@ def test_query_words_and_file_name_parts():
     assert name_words("IMG_0042-beachSunset.jpg").split()[1:] == ["IMG", "0042", "beach", "Sunset", "jpg"]
 
 
-def test_writes_made_during_a_background_build_win_over_the_snapshot():
-    index = KeywordIndex()
-    snapshot = [("a", document("old_name.jpg")), ("b", document("deleted.jpg")), ("c", document("kept.jpg"))]
-    index._ready.clear()
-    index.put([("a", document("new_name.jpg"))])
-    index.remove(["b"])
-    index._build(snapshot)
+def test_a_row_put_again_replaces_its_words_and_a_removed_row_matches_nothing():
+    index = new_index()
+    index.put(
+        [
+            (1, "a", document("old_name.jpg")),
+            (2, "b", document("deleted.jpg")),
+            (3, "c", document("kept.jpg")),
+        ]
+    )
+    index.put([(1, "a", document("new_name.jpg"))])
+    index.remove([2])
     assert [hit.id for hit in index.search("new_name")] == ["a"]
     assert index.search("old_name") == []
     assert index.search("deleted") == []
     assert [hit.id for hit in index.search("kept")] == ["c"]
-
-
-def test_background_build_completes_before_searches_answer():
-    index = KeywordIndex()
-    snapshot = [(f"id{i}", document(f"photo_{i}.jpg", "a red bicycle")) for i in range(5000)]
-    index.build_in_background(snapshot)
-    assert len(index.search("bicycle")) == 5000

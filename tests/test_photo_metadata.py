@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
@@ -16,11 +17,13 @@ from PIL.TiffImagePlugin import IFDRational
 
 import indexer
 from api_requests import BadRequest, search_request_from_json
+from config import Settings
 from errors import QueryError
 from image_io import decode_for_model, find_images
 from image_retrieval import ImageRetrieval, SearchQuery
 from main import format_table
 from photo_metadata import PHOTO_FIELDS, camera_name, parse_offset, photo_fields, read_photo_fields
+from store import mirror_folder
 
 LISBON = (38.7223, -9.1393)
 TOKYO = (35.6762, 139.6503)
@@ -341,15 +344,18 @@ def test_repl_table_shows_taken_and_place_columns(photo_library, settings_for):
     assert "2018-03-10 09:00" in lines[1] and "Tokyo, Japan" in lines[1] and lines[1].endswith("trip/b.jpg")
 
 
+def without_mirror(settings: Settings) -> None:
+    shutil.rmtree(mirror_folder(settings))
+
+
 def test_an_old_index_gets_the_photo_fields_without_re_encoding(photo_library, settings_for, monkeypatch):
     settings = settings_for(photo_library)
     with ImageRetrieval(settings) as engine:
         engine.index_folder()
         ids = [image_id for image_id, _ in engine.store.items()]
         stale = {key: None for key in ("photo_metadata", *indexer.PHOTO_FIELDS)}
-        engine.store.view().collection.update(
-            ids=ids, metadatas=[stale] * len(ids)
-        )  # as an index of before issue 14
+        engine.store.view().collection.update(ids=ids, metadatas=[stale] * len(ids))
+    without_mirror(settings)  # as an index of before issue 14, which had no mirror on disk either
     with ImageRetrieval(settings) as old:
         records = [metadata for _, metadata in old.store.items()]
         assert not any("taken" in record or "photo_metadata" in record for record in records)
@@ -409,6 +415,7 @@ def test_embed_images_refreshes_an_old_index_and_says_how_many(photo_library, se
         ids = [image_id for image_id, _ in engine.store.items()]
         stale = {key: None for key in ("photo_metadata", *indexer.PHOTO_FIELDS)}
         engine.store.view().collection.update(ids=ids, metadatas=[stale] * len(ids))
+    without_mirror(settings)
     done = run_embed(settings)
     assert done.returncode == 0, done.stderr
     assert "unchanged 8, failed 0; photo metadata refreshed 8 (not re-encoded); encoded 0 in" in done.stdout

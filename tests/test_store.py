@@ -13,7 +13,10 @@ import pytest
 from conftest import ChromaServer, free_port
 
 import store
+from catalog import Catalog
 from config import Settings
+from errors import StoreError
+from filters import parse_filter
 from store import StoreView, VectorStore, lock_database
 
 DIM = 8
@@ -81,6 +84,7 @@ def server_settings(server: ChromaServer, tmp_path: Path, name: str) -> Settings
         CHROMA_HOST=server.host,
         CHROMA_PORT=server.port,
         COLLECTION_NAME=name,
+        MIRROR_FOLDER=str(tmp_path / "mirror"),
     )
 
 
@@ -222,3 +226,137 @@ def test_server_mode_write_after_another_process_wrote_leads_to_a_rebuild(server
         second.refresh_if_stale(wait=True)
         assert mirror_state(first) == chroma_state(first) == mirror_state(second)
         assert first.metadata(ids[12]) == {"path": "seen-by-first.jpg"}
+
+
+# -- the mirror on disk ------------------------------------------------------------------------------
+
+
+def mirror_builds(settings: Settings) -> list[str]:
+    return sorted(build.name for build in store.mirror_folder(settings).glob("build-*"))
+
+
+def refuse_to_read_chroma(monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_view(self: VectorStore, collection: Any) -> StoreView:
+        raise AssertionError("the mirror was rebuilt from Chroma")
+
+    monkeypatch.setattr(VectorStore, "_read_view", read_view)
+
+
+def test_a_reopened_store_takes_its_mirror_from_disk_without_reading_chroma(embedded, monkeypatch):
+    ids, vectors, metadatas = records("img", 300, seed=8)
+    with open_store(embedded) as first:
+        first.write(ids, vectors, metadatas)
+        first.delete(ids[:10])
+        with pytest.raises(ValueError):  # refused by Chroma: the mirror on disk stays current
+            first.write(["bad"], vectors[:1], [{"path": {"nested": "no"}}])
+        before = mirror_state(first)
+    builds = mirror_builds(embedded)
+    refuse_to_read_chroma(monkeypatch)
+    with open_store(embedded) as reopened:
+        assert mirror_state(reopened) == chroma_state(reopened) == before
+        assert [hit.id for hit in reopened.keyword_search("t42")] == [ids[42]]
+        assert reopened.field_names() == {"path", "group", "tags"}
+        reopened.write(ids[:10], vectors[:10], metadatas[:10])
+    with open_store(embedded) as again:
+        assert len(again) == 300 and mirror_state(again) == chroma_state(again)
+    assert mirror_builds(embedded) == builds and len(builds) == 1
+
+
+def test_a_write_cut_short_by_a_crash_makes_the_next_start_rebuild_the_mirror(embedded):
+    ids, vectors, metadatas = records("img", 50, seed=9)
+    with open_store(embedded) as crashed:
+        crashed.write(ids, vectors, metadatas)
+        builds = mirror_builds(embedded)
+        view = crashed.view()
+        view.catalog.set_stamp("")  # what a write does first; then Chroma took it and the process died
+        view.collection.upsert(ids=["taken"], embeddings=vectors[:1], metadatas=[{"path": "taken.jpg"}])
+    with open_store(embedded) as reopened:
+        assert "taken" in reopened and mirror_state(reopened) == chroma_state(reopened)
+    assert mirror_builds(embedded) != builds and len(mirror_builds(embedded)) == 1
+
+
+@pytest.mark.parametrize("damage", ["database", "vectors"])
+def test_a_damaged_mirror_is_rebuilt_from_chroma(embedded, damage):
+    ids, vectors, metadatas = records("img", 40, seed=10)
+    with open_store(embedded) as first:
+        first.write(ids, vectors, metadatas)
+        folder = first.view().catalog.folder
+    if damage == "database":
+        (folder / "mirror.sqlite").write_bytes(b"not a database" * 100)
+    else:
+        with open(folder / "vectors.f32", "r+b") as vectors_file:
+            vectors_file.truncate(12345)
+    with open_store(embedded) as reopened:
+        assert len(reopened) == 40 and mirror_state(reopened) == chroma_state(reopened)
+
+
+def test_a_second_process_on_the_same_mirror_folder_keeps_a_private_one(server, tmp_path):
+    settings = server_settings(server, tmp_path, "shared-folder")
+    ids, vectors, metadatas = records("s", 30, seed=11)
+    with VectorStore(settings, MODEL, DIM) as first, VectorStore(settings, MODEL, DIM) as second:
+        first.write(ids, vectors, metadatas)
+        second.refresh_if_stale(wait=True)
+        private = second.view().catalog.folder
+        assert first.view().catalog.folder.parent == store.mirror_folder(settings)
+        assert store.mirror_folder(settings) not in private.parents
+        assert mirror_state(first) == chroma_state(first) == mirror_state(second)
+    assert not private.exists()
+    with VectorStore(settings, MODEL, DIM) as reopened:
+        assert reopened.view().catalog.folder.parent == store.mirror_folder(settings)
+        assert mirror_state(reopened) == chroma_state(reopened)
+
+
+def test_a_mirror_write_that_fails_after_chroma_took_it_is_a_store_error_and_repaired_at_start(
+    embedded, monkeypatch
+):
+    ids, vectors, metadatas = records("img", 20, seed=12)
+    with open_store(embedded) as first:
+        first.write(ids[:10], vectors[:10], metadatas[:10])
+        with monkeypatch.context() as patch:
+            patch.setattr(Catalog, "put", lambda *args: (_ for _ in ()).throw(OSError(28, "disk full")))
+            with pytest.raises(StoreError, match="disk full"):  # new vectors for the same images
+                first.write(ids[:10], vectors[10:], metadatas[10:])
+        first.update_metadata(ids[:1], [{"path": "later.jpg"}])  # still marked: rebuilt at next start
+    with open_store(embedded) as reopened:
+        assert len(reopened) == 10 and mirror_state(reopened) == chroma_state(reopened)
+        assert reopened.metadata(ids[0]) == {"path": "later.jpg"}
+        assert np.allclose(reopened.vector(ids[1]), vectors[11], atol=1e-6)
+
+
+def selected_ids(store_: VectorStore, mask: np.ndarray) -> set[str]:
+    ids = [image_id for image_id, _ in store_.items()]
+    return {
+        image_id
+        for image_id, keep in zip(ids, store_.view().catalog.selected(ids, mask), strict=True)
+        if keep
+    }
+
+
+def matching_ids(store_: VectorStore, group: int) -> set[str]:
+    return {image_id for image_id, metadata in store_.items() if metadata.get("group") == group}
+
+
+def test_a_cached_filter_mask_follows_every_write_even_one_made_while_it_is_computed(embedded, monkeypatch):
+    ids, vectors, metadatas = records("img", 100, seed=13)
+    group_one = parse_filter("group = 1")
+    with open_store(embedded) as opened:
+        opened.write(ids[:60], vectors[:60], metadatas[:60])
+        read_all = Catalog._all_records
+
+        def write_midway(catalog: Catalog):
+            for number, record in enumerate(read_all(catalog)):
+                if number == 10 and "midway" not in opened:
+                    opened.write(["midway"], vectors[:1], [{"path": "m.jpg", "group": 1}])
+                    opened.update_metadata(ids[:2], [{"path": "u.jpg", "group": 1}] * 2)
+                    opened.delete(ids[3:5])
+                yield record
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Catalog, "_all_records", write_midway)
+            mask = opened.mask(group_one)
+        assert "midway" in matching_ids(opened, 1)
+        assert selected_ids(opened, mask) == matching_ids(opened, 1)
+        opened.write(ids[60:], vectors[60:], metadatas[60:])  # the mirror grows past the cached mask
+        opened.update_metadata(ids[5:8], [{"path": "v.jpg", "group": 1}] * 3)
+        opened.delete(ids[9:30])
+        assert selected_ids(opened, opened.mask(group_one)) == matching_ids(opened, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import hashlib
 import ipaddress
 import json
@@ -709,6 +710,9 @@ def serve(settings: Settings, engine: ImageRetrieval) -> None:
     url = local_url(str(server.effective_host), int(server.effective_port))
     announce_owner(engine, url)
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    # The start-up's objects (torch, Chroma, the model: ~400k) stay for the process's life; frozen, the
+    # garbage collector no longer scans them: a full collection inside a request 150 ms -> 0.1 ms.
+    gc.freeze()
     log.info("serving %d images at %s", engine.count(), url)
     for line in connect_instructions(settings, url, app.extensions["image_search_api"].access.token):
         log.info("%s", line)

@@ -44,6 +44,8 @@ SCHEMA_VERSION = "1"
 MASK_CACHE_BYTES = 16 * 1024 * 1024
 MIN_ROWS = 1024
 READ_CHUNK = 20000
+# Rows scored at once by an exact search.
+SCORE_BLOCK = 65536
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (row INTEGER PRIMARY KEY, id TEXT NOT NULL, meta TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
@@ -355,12 +357,14 @@ class Catalog:
             rows = np.flatnonzero(mask)
             if rows.size == 0:
                 return []
-            scores = self._vectors[rows] @ query
-            ids = [self._ids[row] for row in rows]
-        count = min(count, len(ids))
-        best = np.argpartition(-scores, count - 1)[:count]
-        best = best[np.lexsort((best, -scores[best]))]
-        return [(ids[i], float(scores[i])) for i in best]
+            scores = np.empty(rows.size, dtype=np.float32)
+            for start in range(0, rows.size, SCORE_BLOCK):  # memory bounded by the block, not the library
+                block = rows[start : start + SCORE_BLOCK]
+                scores[start : start + block.size] = self._vectors[block] @ query
+            count = min(count, rows.size)
+            best = np.argpartition(-scores, count - 1)[:count]
+            best = best[np.lexsort((best, -scores[best]))]
+            return [(self._ids[rows[i]], float(scores[i])) for i in best]
 
     def scores(self, ids: list[str], query: np.ndarray) -> np.ndarray:
         """Cosine of each image with `query`; 0 for an id removed meanwhile (a search racing a delete)."""

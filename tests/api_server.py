@@ -54,8 +54,10 @@ class ApiServer:
         port: int | None = None,
         extra_env: dict[str, str] | None = None,
         log_path: Path | None = None,
+        start_timeout: float = START_TIMEOUT_SECONDS,
     ) -> None:
         self.port = port or free_port()
+        self.start_timeout = start_timeout
         self.settings = settings.with_overrides(API_HOST="127.0.0.1", API_PORT=self.port)
         self.extra_env = extra_env or {}
         self._own_log = log_path is None
@@ -87,7 +89,7 @@ class ApiServer:
         return self
 
     def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"api.py exited with {self.process.returncode}:\n{self.log()}")
@@ -98,7 +100,7 @@ class ApiServer:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"api.py did not answer GET / within {START_TIMEOUT_SECONDS:.0f} s:\n{self.log()}")
+        raise RuntimeError(f"api.py did not answer GET / within {self.start_timeout:.0f} s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -36,9 +36,20 @@ CLIP_CACHE_FOLDER = Path("~/.cache/clip").expanduser()
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """`auto`: CUDA where torch finds it, else Apple's Metal (`mps`), else the CPU."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def set_torch_threads(threads: int) -> None:
+    """TORCH_THREADS: torch's CPU threads, process-wide (0 keeps torch's default)."""
+    if threads < 0:
+        raise ModelLoadError(f"TORCH_THREADS must be 0 (torch's default) or a thread count, not {threads}")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def model_identity(name: str) -> str:
@@ -107,6 +118,7 @@ class ClipEncoder:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClipEncoder:
+        set_torch_threads(settings.TORCH_THREADS)
         return cls(settings.MODEL_NAME, settings.DEVICE, settings.IMAGE_RUNTIME, settings.ONNX_CACHE_FOLDER)
 
     def _onnx_visual(self, cache_folder: str) -> OnnxVisual:

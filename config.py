@@ -37,6 +37,9 @@ class Settings:
     DEVICE: str = "auto"
     BATCH_SIZE: int = 32
     LOADER_THREADS: int = 2
+    # CPU threads of torch for the whole process (0: torch's default, one per core). On a machine whose
+    # cores other busy processes share, 1 keeps query encoding steady (bench/RESULTS.md, Scale).
+    TORCH_THREADS: int = 0
     # "torch", or "onnx": images encoded by ONNX Runtime on the CPU (same vectors, 1.27x faster here).
     IMAGE_RUNTIME: str = "torch"
     ONNX_CACHE_FOLDER: str = "~/.cache/semantic-image-search"

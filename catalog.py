@@ -26,7 +26,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -371,6 +371,23 @@ class Catalog:
         return self.vectors(ids, missing_ok=True) @ query if ids else np.zeros(0, dtype=np.float32)
 
 
+def lock_exclusively(folder: Path, name: str) -> TextIO:
+    """Open `folder/name` and hold an exclusive flock on it; BlockingIOError if another process does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_file = open(folder / name, "a+")  # noqa: SIM115 - held open while locked
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock_file.close()
+        raise
+    return lock_file
+
+
+def unlock(lock_file: TextIO) -> None:
+    fcntl.flock(lock_file, fcntl.LOCK_UN)
+    lock_file.close()
+
+
 class MirrorFolder:
     """The builds of one collection's mirror under one folder, and which of them is current.
 
@@ -387,9 +404,7 @@ class MirrorFolder:
 
     def _locked(self, folder: Path) -> Path:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            lock_file = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held open while locked
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_file = lock_exclusively(folder, LOCK_FILE)
         except OSError as error:
             self._temporary = tempfile.TemporaryDirectory(prefix="image-search-mirror-")
             log.info("mirror folder %s not usable (%s): this process keeps its own", folder, error)
@@ -430,8 +445,7 @@ class MirrorFolder:
 
     def close(self) -> None:
         if self._lock_file is not None:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
+            unlock(self._lock_file)
             self._lock_file = None
         if self._temporary is not None:
             self._temporary.cleanup()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from catalog import Catalog, MirrorFolder
+from catalog import Catalog, MirrorFolder, lock_exclusively, unlock
 from config import Settings
 from errors import (
     DamagedStore,
@@ -81,20 +80,16 @@ class DatabaseLock:
 
     def acquire(self) -> None:
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            lock_file = open(self.folder / LOCK_FILE, "a+")  # noqa: SIM115 - held open while locked
-        except OSError as error:
-            raise StoreError(f"cannot open the database folder {self.folder}: {error.strerror}") from None
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_file = lock_exclusively(self.folder, LOCK_FILE)
         except BlockingIOError:
-            lock_file.close()
             owner = read_owner(self.folder)
             raise DatabaseBusy(
                 f"the database {self.folder} is in use by another process "
                 f"({owner.get('role', 'unknown')}, pid {owner.get('pid', '?')})",
                 owner,
             ) from None
+        except OSError as error:
+            raise StoreError(f"cannot open the database folder {self.folder}: {error.strerror}") from None
         self._file = lock_file
         self.write_owner(self.owner)
 
@@ -106,8 +101,7 @@ class DatabaseLock:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 (self.folder / OWNER_FILE).unlink()
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+            unlock(self._file)
             self._file = None
 
 

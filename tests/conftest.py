@@ -65,6 +65,21 @@ def make_settings(tmp_path: Path, dataset: Path, checkpoint: Path, **overrides) 
     ).with_overrides(**overrides)
 
 
+def server_settings(
+    tmp_path: Path, dataset: Path, checkpoint: Path, server: ChromaServer, **overrides
+) -> Settings:
+    """Settings of a process that uses the Chroma server `server`, unthrottled as tests call quickly."""
+    return make_settings(
+        tmp_path,
+        dataset,
+        checkpoint,
+        CHROMA_HOST=server.host,
+        CHROMA_PORT=server.port,
+        RATE_LIMIT_PER_MINUTE=0,
+        **overrides,
+    )
+
+
 @pytest.fixture
 def settings_for(tmp_path: Path, tiny_checkpoint: Path):
     def build(dataset: Path, **overrides) -> Settings:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 from api_server import ApiServer, free_port, settings_env
-from conftest import make_settings
+from conftest import make_settings, server_settings
 from data_factory import write_tiny_checkpoint
 
 from image_retrieval import ImageRetrieval
@@ -170,14 +170,7 @@ def test_unusable_database_gives_a_clear_message(small_index, tmp_path, kind):
 def test_chroma_server_outage_is_503_then_heals(tmp_path, tiny_checkpoint, coco_source, chroma_server):
     dataset = tmp_path / "dataset"
     copy_photos(coco_source, dataset, 0, 8)
-    settings = make_settings(
-        tmp_path,
-        dataset,
-        tiny_checkpoint,
-        CHROMA_HOST=chroma_server.host,
-        CHROMA_PORT=chroma_server.port,
-        RATE_LIMIT_PER_MINUTE=0,
-    )
+    settings = server_settings(tmp_path, dataset, tiny_checkpoint, chroma_server)
     indexed = run_script("embed_images.py", settings, "--quiet")
     assert indexed.returncode == 0, indexed.stderr
     example = data_uri(next(dataset.glob("*.jpg")))

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -71,7 +72,8 @@ def indexed(tmp_path: Path, coco_source, settings_for) -> Settings:
 
 def repl_env(settings: Settings) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    return {**env, **settings_env(settings), "TERM": "dumb"}
+    # A REPL that hangs is sent SIGABRT, and faulthandler then prints where each thread was.
+    return {**env, **settings_env(settings), "TERM": "dumb", "PYTHONFAULTHANDLER": "1"}
 
 
 def start_repl(settings: Settings) -> pexpect.spawn:
@@ -86,6 +88,16 @@ def start_repl(settings: Settings) -> pexpect.spawn:
     )
     child.expect_exact(PROMPT)
     return child
+
+
+def expect_exit(child: pexpect.spawn) -> None:
+    """Wait for the REPL to exit; if it hangs, fail with the stacks of its threads."""
+    try:
+        child.expect(pexpect.EOF, timeout=ANSWER_TIMEOUT)
+    except pexpect.TIMEOUT:
+        child.kill(signal.SIGABRT)
+        child.expect(pexpect.EOF, timeout=30)
+        pytest.fail(f"the REPL did not exit; its threads:\n{child.before}")
 
 
 def ask(child: pexpect.spawn, line: str) -> list[str]:
@@ -292,7 +304,7 @@ def test_interactive_session(indexed: Settings, tmp_path: Path):
     one_error_line(ask(child, f":image {not_an_image}"), "cannot be used")
 
     child.sendline(":quit")
-    child.expect(pexpect.EOF, timeout=ANSWER_TIMEOUT)
+    expect_exit(child)
     child.close()
     assert child.exitstatus == 0
     assert "Traceback" not in child.before
@@ -312,7 +324,7 @@ def test_ctrl_d_and_ctrl_c_leave_cleanly(indexed: Settings, typed: str, key: str
     if typed:
         child.expect_exact(typed, timeout=ANSWER_TIMEOUT)
     child.sendcontrol(key)
-    child.expect(pexpect.EOF, timeout=ANSWER_TIMEOUT)
+    expect_exit(child)
     child.close()
     assert child.exitstatus == 0, child.before
     assert "Traceback" not in child.before

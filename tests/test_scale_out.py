@@ -19,7 +19,7 @@ from pathlib import Path
 import chromadb
 import requests
 from api_server import ApiServer, settings_env
-from conftest import make_settings
+from conftest import server_settings
 from test_faults import copy_photos, data_uri, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,15 +82,7 @@ def test_two_apis_and_an_indexer_on_one_chroma_server_stay_consistent_under_load
 ):
     dataset = tmp_path / "dataset"
     copy_photos(coco_source, dataset, 0, FIRST)
-    settings = make_settings(
-        tmp_path,
-        dataset,
-        tiny_checkpoint,
-        CHROMA_HOST=chroma_server.host,
-        CHROMA_PORT=chroma_server.port,
-        RATE_LIMIT_PER_MINUTE=0,
-        BATCH_SIZE=2,
-    )
+    settings = server_settings(tmp_path, dataset, tiny_checkpoint, chroma_server, BATCH_SIZE=2)
     assert run_script("embed_images.py", settings, "--quiet").returncode == 0
     chroma = chromadb.HttpClient(host=chroma_server.host, port=chroma_server.port)
     collection = chroma.get_collection(settings.COLLECTION_NAME)

@@ -139,7 +139,8 @@ class ClipEncoder:
         """Vectors of a batch of preprocessed images (N x 3 x R x R)."""
         if self._onnx is not None:
             return _normalised(self._onnx.encode(pixels))
-        features = self.model.encode_image(pixels.to(self.device, self.model.dtype))
+        on_cuda = self.device.startswith("cuda")
+        features = self.model.encode_image(pixels.to(self.device, self.model.dtype, non_blocking=on_cuda))
         return _normalised(features)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:

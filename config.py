@@ -35,7 +35,11 @@ class Settings:
     # The model.
     MODEL_NAME: str = "ViT-B/32"
     DEVICE: str = "auto"
-    BATCH_SIZE: int = 32
+    # Indexing. BATCH_SIZE 0: 256 images per batch on CUDA, 64 on mps, 32 on the CPU. LOADER_PROCESSES -1:
+    # one decoding process per core the model leaves free (none on a 2-core CPU); 0: LOADER_THREADS
+    # threads of the indexing process decode instead (loaders.py).
+    BATCH_SIZE: int = 0
+    LOADER_PROCESSES: int = -1
     LOADER_THREADS: int = 2
     # CPU threads of torch for the whole process (0: torch's default, one per core). On a machine whose
     # cores other busy processes share, 1 keeps query encoding steady (bench/RESULTS.md, Scale).

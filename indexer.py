@@ -12,25 +12,29 @@ rerun finishes the job; ids derive from paths, so no image is ever stored twice.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from errors import IndexingRefused
-from image_io import ImageLoadError, decode_for_model, file_hash, find_images
-from photo_metadata import PHOTO_FIELDS, PHOTO_METADATA_VERSION, photo_fields, read_photo_fields
+from image_io import ImageLoadError, find_images
+from photo_metadata import PHOTO_FIELDS, PHOTO_METADATA_VERSION, read_photo_fields
 from store import batched
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from clip_encoder import ClipEncoder
     from config import Settings
+    from loaders import Loaded, LoadedBatch
     from store import VectorStore
 
 log = logging.getLogger(__name__)
@@ -127,11 +131,22 @@ class FileOnDisk:
 
 @dataclass
 class Plan:
-    encode: list[tuple[FileOnDisk, bool]] = field(default_factory=list)
-    copies: list[tuple[FileOnDisk, str, bool]] = field(default_factory=list)
-    touches: list[tuple[str, FileOnDisk]] = field(default_factory=list)
+    """What the stat of each file decides; files to read are classified once their hash is known."""
+
+    reads: list[tuple[FileOnDisk, str]] = field(default_factory=list)
     refreshes: list[tuple[str, FileOnDisk]] = field(default_factory=list)
-    removals: list[str] = field(default_factory=list)
+    vanished: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    present_by_hash: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Copies:
+    """Files whose content the index already holds: their stored vectors are reused."""
+
+    moves: list[tuple[FileOnDisk, str, bool]] = field(default_factory=list)
+    duplicates: list[tuple[FileOnDisk, str, bool]] = field(default_factory=list)
+    touches: list[tuple[str, FileOnDisk]] = field(default_factory=list)
+    unmatched: list[FileOnDisk] = field(default_factory=list)
 
 
 class Indexer:
@@ -144,9 +159,12 @@ class Indexer:
         settings: Settings,
         on_progress: ProgressCallback | None = None,
     ) -> None:
+        from loaders import plan_loaders  # torch comes with the encoder; this module stays light
+
         self.store = store
         self.encoder = encoder
         self.settings = settings
+        self.loaders = plan_loaders(settings, encoder.device)
         self.root = Path(settings.DATASET_FOLDER).resolve()
         self.summary = IndexSummary()
         self.progress = IndexProgress()
@@ -163,13 +181,20 @@ class Indexer:
             )
         plan = self._plan(files, known)
         scan_failures = self.progress.failures
-        self.progress = IndexProgress("running", len(plan.encode), 0, time.monotonic(), scan_failures)
+        self.progress = IndexProgress("running", len(plan.reads), 0, time.monotonic(), scan_failures)
         self._on_progress(self.progress)
-        self._apply_copies(plan.copies)
-        self._apply_touches(plan.touches)
         self._apply_refreshes(plan.refreshes)
-        self._encode(plan.encode, known)
-        self._remove(plan.removals)
+        known_hashes = [
+            *plan.present_by_hash,
+            *(entry[1]["content_hash"] for entry in plan.vanished.values()),
+        ]
+        already_held = self._encode(plan.reads, known, known_hashes)
+        copies = self._classify(already_held, known, plan)
+        self._apply_copies(copies.moves)
+        self._apply_copies(copies.duplicates)
+        self._apply_touches(copies.touches)
+        self._encode([(file, "") for file in copies.unmatched], known, [])
+        self._remove([entry[0] for entry in plan.vanished.values()])
         self.summary.seconds = time.monotonic() - started
         self.summary.failures = self.progress.failures
         self.summary.failed = len(self.progress.failures)
@@ -199,52 +224,55 @@ class Indexer:
         return files
 
     def _plan(self, files: dict[str, FileOnDisk], known: dict[str, tuple[str, dict[str, Any]]]) -> Plan:
+        """Unchanged by stat: kept. Everything else is read, and its hash decides (`_classify`).
+
+        A stored vector may be copied only from a file that is not read again in this run (its record
+        cannot change meanwhile) or from one that vanished.
+        """
         plan = Plan()
-        to_hash = []
         for relative, file in files.items():
             stored = known.get(relative)
             if stored and _same_stat(stored[1], file):
                 self.summary.unchanged += 1
+                plan.present_by_hash[stored[1]["content_hash"]] = stored[0]
                 if not _photo_fields_current(stored[1]):
                     plan.refreshes.append((stored[0], file))
             else:
-                to_hash.append(file)
-        hashed = self._hash_all(to_hash)
-        vanished = {path: entry for path, entry in known.items() if path not in files}
-        vanished_by_hash = {entry[1]["content_hash"]: path for path, entry in vanished.items()}
-        present_by_hash = {
-            entry[1]["content_hash"]: entry[0] for path, entry in known.items() if path in files
-        }
-        for file in hashed:
-            stored = known.get(file.relative)
-            if stored and stored[1]["content_hash"] == file.content_hash:
-                plan.touches.append((stored[0], file))
-                self.summary.unchanged += 1
-            elif stored:
-                plan.encode.append((file, True))
-            elif file.content_hash in vanished_by_hash:
-                old_path = vanished_by_hash.pop(file.content_hash)
-                plan.copies.append((file, vanished.pop(old_path)[0], True))
-            elif file.content_hash in present_by_hash:
-                plan.copies.append((file, present_by_hash[file.content_hash], False))
-            else:
-                plan.encode.append((file, False))
-        plan.removals = [entry[0] for entry in vanished.values()]
+                plan.reads.append((file, stored[1]["content_hash"] if stored else ""))
+        plan.vanished = {path: entry for path, entry in known.items() if path not in files}
         return plan
 
-    def _hash_all(self, files: list[FileOnDisk]) -> list[FileOnDisk]:
-        def hashed(file: FileOnDisk) -> FileOnDisk | None:
-            try:
-                return FileOnDisk(file.relative, file.path, file.size, file.mtime, file_hash(file.path))
-            except OSError as error:
-                self._fail(file.relative, f"cannot read: {error.strerror}")
-                return None
+    def _classify(
+        self, files: list[FileOnDisk], known: dict[str, tuple[str, dict[str, Any]]], plan: Plan
+    ) -> Copies:
+        """Files read but not decoded, as their hash matched one the index holds: what each one is.
 
-        with ThreadPoolExecutor(self.settings.LOADER_THREADS) as pool:
-            return [file for file in pool.map(hashed, files) if file is not None]
+        Its own stored hash: only touched. A vanished file's: a move (the first such file), else a
+        duplicate of the moved one. An unchanged file's: a duplicate. `unmatched` were matched by the
+        hash prefix alone and are encoded after all.
+        """
+        copies = Copies()
+        vanished_by_hash = {entry[1]["content_hash"]: path for path, entry in plan.vanished.items()}
+        moved_to: dict[str, str] = {}
+        for file in files:
+            stored = known.get(file.relative)
+            if stored:
+                copies.touches.append((stored[0], file))
+                self.summary.unchanged += 1
+            elif file.content_hash in vanished_by_hash:
+                old_path = vanished_by_hash.pop(file.content_hash)
+                copies.moves.append((file, plan.vanished.pop(old_path)[0], True))
+                moved_to[file.content_hash] = image_id(file.relative)
+            elif file.content_hash in plan.present_by_hash:
+                copies.duplicates.append((file, plan.present_by_hash[file.content_hash], False))
+            elif file.content_hash in moved_to:
+                copies.duplicates.append((file, moved_to[file.content_hash], False))
+            else:
+                copies.unmatched.append(file)
+        return copies
 
     def _apply_copies(self, copies: list[tuple[FileOnDisk, str, bool]]) -> None:
-        for chunk in batched(copies, self.settings.BATCH_SIZE):
+        for chunk in batched(copies, self.loaders.batch_size):
             sources = [source for _, source, _ in chunk]
             vectors = self.store.vectors(sources)
             metadatas = []
@@ -260,7 +288,7 @@ class Indexer:
             self.summary.added += len(chunk) - len(moved)
 
     def _apply_touches(self, touches: list[tuple[str, FileOnDisk]]) -> None:
-        for chunk in batched(touches, self.settings.BATCH_SIZE):
+        for chunk in batched(touches, self.loaders.batch_size):
             ids = [stored_id for stored_id, _ in chunk]
             metadatas = []
             for stored_id, file in chunk:
@@ -272,7 +300,7 @@ class Indexer:
 
     def _apply_refreshes(self, refreshes: list[tuple[str, FileOnDisk]]) -> None:
         """Unchanged files whose records lack the current photo fields: read them from EXIF alone."""
-        for chunk in batched(refreshes, self.settings.BATCH_SIZE):
+        for chunk in batched(refreshes, self.loaders.batch_size):
             olds = [self.store.metadata(stored_id) or {} for stored_id, _ in chunk]
             with ThreadPoolExecutor(self.settings.LOADER_THREADS) as pool:
                 photos = list(pool.map(self._photo_facts, [file for _, file in chunk], olds))
@@ -287,75 +315,71 @@ class Indexer:
         return read_photo_fields(file.path) | {"photo_metadata": PHOTO_METADATA_VERSION}
 
     def _encode(
-        self, items: list[tuple[FileOnDisk, bool]], known: dict[str, tuple[str, dict[str, Any]]]
-    ) -> None:
-        import torch  # with the model already loaded, this costs nothing; the module stays light
+        self,
+        reads: list[tuple[FileOnDisk, str]],
+        known: dict[str, tuple[str, dict[str, Any]]],
+        known_hashes: list[str],
+    ) -> list[FileOnDisk]:
+        """Read each file once and encode those with new content; each batch is written while the
+        model encodes the next one. The files whose hash the index holds come back, with that hash."""
+        from loaders import FileLoader, KnownHashes, LoadJob, loaded_batches
 
-        for batch in self._decoded_batches(items):
-            good = [
-                (file, is_update, pixels, facts)
-                for file, is_update, pixels, facts in batch
-                if pixels is not None
-            ]
-            if good:
-                vectors = self.encoder.encode_pixels(torch.stack([item[2] for item in good]))
-                metadatas = []
-                for file, is_update, _, facts in good:
-                    old = known.get(file.relative, (None, {}))[1] if is_update else {}
-                    metadatas.append(_file_metadata(file, old) | facts | _custom_fields(old))
-                self.store.write([image_id(item[0].relative) for item in good], vectors, metadatas)
-                self.summary.encoded += len(good)
-                self.summary.updated += sum(1 for item in good if item[1])
-                self.summary.added += sum(1 for item in good if not item[1])
-            self.progress.done += len(batch)
-            self._on_progress(self.progress)
-
-    def _decoded_batches(
-        self, items: list[tuple[FileOnDisk, bool]]
-    ) -> Iterator[list[tuple[FileOnDisk, bool, Any, dict[str, Any]]]]:
-        """Batches decoded and preprocessed on loader threads, two batches ahead of the model."""
-        batches = iter(batched(items, self.settings.BATCH_SIZE))
-        with ThreadPoolExecutor(self.settings.LOADER_THREADS, thread_name_prefix="loader") as pool:
-            pending: deque[list[Future]] = deque()
-
-            def submit_next() -> None:
-                batch = next(batches, None)
-                if batch is not None:
-                    pending.append([pool.submit(self._load, file, is_update) for file, is_update in batch])
-
-            submit_next()
-            submit_next()
-            while pending:
-                futures = pending.popleft()
-                submit_next()
-                yield [future.result() for future in futures]
-
-    def _load(self, file: FileOnDisk, is_update: bool) -> tuple[FileOnDisk, bool, Any, dict[str, Any]]:
         encoder = self.encoder
-        try:
-            image, facts = decode_for_model(
-                file.path, encoder.input_resolution, self.settings.MAX_IMAGE_MEGAPIXELS
-            )
-            pixels = encoder.preprocess_image(image)
-        except ImageLoadError as error:
-            self._fail(file.relative, str(error))
-            return file, is_update, None, {}
-        except Exception as error:  # one bad file never stops the run
-            self._fail(file.relative, f"cannot decode: {error}")
-            return file, is_update, None, {}
-        photo = photo_fields(facts.exif) if facts.exif is not None else {}
-        return (
-            file,
-            is_update,
-            pixels,
-            {
-                "width": facts.width,
-                "height": facts.height,
-                "format": facts.format,
-                "photo_metadata": PHOTO_METADATA_VERSION,
-                **photo,
-            },
+        loader = FileLoader(
+            [LoadJob(str(file.path), own_hash) for file, own_hash in reads],
+            KnownHashes(known_hashes),
+            encoder.input_resolution,
+            self.settings.MAX_IMAGE_MEGAPIXELS,
+            encoder.preprocess,
         )
+        already_held: list[FileOnDisk] = []
+        files = iter(file for file, _ in reads)
+        with ThreadPoolExecutor(1, thread_name_prefix="writer") as writer:
+            writing: Future[None] | None = None
+            for batch in loaded_batches(loader, self.loaders, self.settings.DECODE_MEMORY_MB):
+                decoded = self._sort_out(list(itertools.islice(files, len(batch.files))), batch, already_held)
+                vectors = encoder.encode_pixels(batch.pixels) if batch.pixels is not None else None
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(self._store_encoded, decoded, vectors, known, len(batch.files))
+            if writing is not None:
+                writing.result()
+        return already_held
+
+    def _sort_out(
+        self, files: list[FileOnDisk], batch: LoadedBatch, already_held: list[FileOnDisk]
+    ) -> list[tuple[FileOnDisk, Loaded]]:
+        """The decoded files of a batch, with their hashes; failures recorded, known ones set aside."""
+        decoded = []
+        for file, loaded in zip(files, batch.files, strict=True):
+            hashed = dataclasses.replace(file, content_hash=loaded.content_hash)
+            if loaded.error:
+                self._fail(file.relative, loaded.error)
+            elif loaded.decoded:
+                decoded.append((hashed, loaded))
+            else:
+                already_held.append(hashed)
+        return decoded
+
+    def _store_encoded(
+        self,
+        decoded: list[tuple[FileOnDisk, Loaded]],
+        vectors: np.ndarray | None,
+        known: dict[str, tuple[str, dict[str, Any]]],
+        batch_size: int,
+    ) -> None:
+        if decoded:
+            metadatas = []
+            for file, loaded in decoded:
+                old = known.get(file.relative, (None, {}))[1]
+                metadatas.append(_file_metadata(file, old) | loaded.facts | _custom_fields(old))
+            self.store.write([image_id(file.relative) for file, _ in decoded], vectors, metadatas)
+            updates = sum(1 for file, _ in decoded if file.relative in known)
+            self.summary.encoded += len(decoded)
+            self.summary.updated += updates
+            self.summary.added += len(decoded) - updates
+        self.progress.done += batch_size
+        self._on_progress(self.progress)
 
     def _remove(self, ids: list[str]) -> None:
         self.store.delete(ids)

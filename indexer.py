@@ -321,7 +321,8 @@ class Indexer:
         known_hashes: list[str],
     ) -> list[FileOnDisk]:
         """Read each file once and encode those with new content; each batch is written while the
-        model encodes the next one. The files whose hash the index holds come back, with that hash."""
+        model encodes the next one (where the plan says so). The files whose hash the index holds come
+        back, with that hash."""
         from loaders import FileLoader, KnownHashes, LoadJob, loaded_batches
 
         encoder = self.encoder
@@ -342,6 +343,8 @@ class Indexer:
                 if writing is not None:
                     writing.result()
                 writing = writer.submit(self._store_encoded, decoded, vectors, known, len(batch.files))
+                if not self.loaders.overlap_writes:
+                    writing.result()
             if writing is not None:
                 writing.result()
         return already_held

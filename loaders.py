@@ -48,6 +48,7 @@ class LoaderPlan:
     processes: int
     threads: int
     pin_memory: bool
+    overlap_writes: bool = True
 
 
 def available_cores() -> int:
@@ -63,7 +64,9 @@ def plan_loaders(settings: Any, device: str, cores: int | None = None, model_thr
 
     On a GPU the model needs one core to feed it, and every other core gets a worker process. On the
     CPU the model keeps its torch threads (TORCH_THREADS, else one per core) and the loaders use what
-    is left: worker processes from MIN_PROCESSES spare cores, else LOADER_THREADS threads.
+    is left: worker processes from MIN_PROCESSES spare cores, else LOADER_THREADS threads. Store
+    writes overlap the model where it leaves a core free: on a CPU it fully uses, a write beside it
+    stalls every torch thread at its next barrier and costs more than it saves (bench/RESULTS.md).
     """
     if settings.BATCH_SIZE < 0:
         raise IndexingRefused(f"BATCH_SIZE must be 0 (chosen by device) or more, not {settings.BATCH_SIZE}")
@@ -81,7 +84,7 @@ def plan_loaders(settings: Any, device: str, cores: int | None = None, model_thr
     if processes == -1:
         processes = spare if spare >= MIN_PROCESSES else 0
     batch_size = settings.BATCH_SIZE or AUTO_BATCH_SIZE.get(device, CPU_BATCH_SIZE)
-    return LoaderPlan(batch_size, processes, settings.LOADER_THREADS, device == "cuda")
+    return LoaderPlan(batch_size, processes, settings.LOADER_THREADS, device == "cuda", spare >= 1)
 
 
 @dataclass

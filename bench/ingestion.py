@@ -168,7 +168,7 @@ def end_to_end(
         wall = time.perf_counter() - started
     line = next(line for line in done.stdout.splitlines() if line.startswith("added "))
     encoded = int(line.split("encoded ")[1].split()[0])
-    reported = float(line.split("(")[1].split()[0])
+    reported = float(line.rsplit("(", 1)[1].split()[0])
     return reported, encoded / wall
 
 

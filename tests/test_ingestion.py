@@ -7,13 +7,16 @@ import logging
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from data_factory import write_broken_files
 from PIL import Image
 
+import loaders
 from config import Settings
 from errors import IndexingRefused
 from image_retrieval import ImageRetrieval
@@ -50,6 +53,7 @@ def test_loaders_are_sized_by_device_and_cores(device, cores, overrides, expecte
     settings = Settings().with_overrides(**overrides)
     plan = plan_loaders(settings, device, cores, model_threads=settings.TORCH_THREADS or cores)
     assert (plan.batch_size, plan.processes, plan.pin_memory) == expected
+    assert plan.overlap_writes == (device != "cpu" or cores > (settings.TORCH_THREADS or cores))
     assert plan.threads == settings.LOADER_THREADS
 
 
@@ -148,7 +152,8 @@ def test_a_file_matched_only_by_its_hash_prefix_is_encoded(coco_dataset, setting
     assert path_id(settings, newcomer) in records
 
 
-def test_the_model_encodes_the_next_batch_while_a_batch_is_written(coco_dataset, settings_for):
+def test_the_model_encodes_the_next_batch_while_a_batch_is_written(coco_dataset, settings_for, monkeypatch):
+    monkeypatch.setattr(loaders, "available_cores", lambda: torch.get_num_threads() + 1)  # one spare core
     settings = settings_for(coco_dataset, BATCH_SIZE=16, LOADER_PROCESSES=0)
     batches = -(-len(list(coco_dataset.glob("*.jpg"))) // 16)
     with ImageRetrieval(settings) as engine:
@@ -177,3 +182,27 @@ def path_id(settings: Settings, path: Path) -> str:
     from indexer import image_id
 
     return image_id(path.resolve().relative_to(Path(settings.DATASET_FOLDER).resolve()).as_posix())
+
+
+def test_writes_wait_for_the_store_where_the_model_uses_every_core(coco_dataset, settings_for, monkeypatch):
+    monkeypatch.setattr(loaders, "available_cores", torch.get_num_threads)
+    settings = settings_for(coco_dataset, BATCH_SIZE=16, LOADER_PROCESSES=0)
+    with ImageRetrieval(settings) as engine:
+        writing = threading.Event()
+        encoded_while_writing: list[bool] = []
+        encode, write = engine.encoder.encode_pixels, engine.store.write
+
+        def noting_encode(pixels):
+            encoded_while_writing.append(writing.is_set())
+            return encode(pixels)
+
+        def slow_write(ids, vectors, metadatas):
+            writing.set()
+            time.sleep(0.05)
+            write(ids, vectors, metadatas)
+            writing.clear()
+
+        engine.encoder.encode_pixels = noting_encode
+        engine.store.write = slow_write
+        summary = engine.index_folder()
+    assert summary.encoded > 100 and len(encoded_while_writing) > 5 and not any(encoded_while_writing)

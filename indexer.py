@@ -143,8 +143,8 @@ class Plan:
 class Copies:
     """Files whose content the index already holds: their stored vectors are reused."""
 
-    moves: list[tuple[FileOnDisk, str, bool]] = field(default_factory=list)
-    duplicates: list[tuple[FileOnDisk, str, bool]] = field(default_factory=list)
+    moves: list[tuple[FileOnDisk, str]] = field(default_factory=list)
+    duplicates: list[tuple[FileOnDisk, str]] = field(default_factory=list)
     touches: list[tuple[str, FileOnDisk]] = field(default_factory=list)
     unmatched: list[FileOnDisk] = field(default_factory=list)
 
@@ -190,10 +190,12 @@ class Indexer:
         ]
         already_held = self._encode(plan.reads, known, known_hashes)
         copies = self._classify(already_held, known, plan)
-        self._apply_copies(copies.moves)
-        self._apply_copies(copies.duplicates)
+        self._apply_copies(copies.moves, are_moves=True)
+        self._apply_copies(copies.duplicates, are_moves=False)
         self._apply_touches(copies.touches)
-        self._encode([(file, "") for file in copies.unmatched], known, [])
+        if copies.unmatched:
+            self.progress.total += len(copies.unmatched)  # read a second time, to be decoded
+            self._encode([(file, "") for file in copies.unmatched], known, [])
         self._remove([entry[0] for entry in plan.vanished.values()])
         self.summary.seconds = time.monotonic() - started
         self.summary.failures = self.progress.failures
@@ -261,31 +263,33 @@ class Indexer:
                 self.summary.unchanged += 1
             elif file.content_hash in vanished_by_hash:
                 old_path = vanished_by_hash.pop(file.content_hash)
-                copies.moves.append((file, plan.vanished.pop(old_path)[0], True))
+                copies.moves.append((file, plan.vanished.pop(old_path)[0]))
                 moved_to[file.content_hash] = image_id(file.relative)
             elif file.content_hash in plan.present_by_hash:
-                copies.duplicates.append((file, plan.present_by_hash[file.content_hash], False))
+                copies.duplicates.append((file, plan.present_by_hash[file.content_hash]))
             elif file.content_hash in moved_to:
-                copies.duplicates.append((file, moved_to[file.content_hash], False))
+                copies.duplicates.append((file, moved_to[file.content_hash]))
             else:
                 copies.unmatched.append(file)
         return copies
 
-    def _apply_copies(self, copies: list[tuple[FileOnDisk, str, bool]]) -> None:
+    def _apply_copies(self, copies: list[tuple[FileOnDisk, str]], are_moves: bool) -> None:
+        """New files given the stored vectors of `(file, source)`; a move also deletes its source."""
         for chunk in batched(copies, self.loaders.batch_size):
-            sources = [source for _, source, _ in chunk]
+            sources = [source for _, source in chunk]
             vectors = self.store.vectors(sources)
             metadatas = []
-            for file, source, _ in chunk:
+            for file, source in chunk:
                 old = self.store.metadata(source) or {}
                 self.summary.refreshed += not _photo_fields_current(old)
                 photo = self._photo_facts(file, old)
                 metadatas.append(_file_metadata(file, old) | _facts_of(old) | photo | _custom_fields(old))
-            self.store.write([image_id(file.relative) for file, _, _ in chunk], vectors, metadatas)
-            moved = [source for _, source, is_move in chunk if is_move]
-            self.store.delete(moved)
-            self.summary.moved += len(moved)
-            self.summary.added += len(chunk) - len(moved)
+            self.store.write([image_id(file.relative) for file, _ in chunk], vectors, metadatas)
+            if are_moves:
+                self.store.delete(sources)
+                self.summary.moved += len(chunk)
+            else:
+                self.summary.added += len(chunk)
 
     def _apply_touches(self, touches: list[tuple[str, FileOnDisk]]) -> None:
         for chunk in batched(touches, self.loaders.batch_size):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from errors import ImageLoadError, IndexingRefused
 from image_io import decode_for_model, file_hash, set_decode_memory
 from photo_metadata import PHOTO_METADATA_VERSION, photo_fields
+
+if TYPE_CHECKING:
+    from config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def plan_loaders(settings: Any, device: str, cores: int | None = None, model_threads: int = 0) -> LoaderPlan:
+def plan_loaders(
+    settings: Settings, device: str, cores: int | None = None, model_threads: int = 0
+) -> LoaderPlan:
     """Batch size and loaders for `device` on `cores` cores.
 
     On a GPU the model needs one core to feed it, and every other core gets a worker process. On the
@@ -77,14 +82,15 @@ def plan_loaders(settings: Any, device: str, cores: int | None = None, model_thr
             "LOADER_PROCESSES must be -1 (chosen by cores), 0 (threads) or more, "
             f"not {settings.LOADER_PROCESSES}"
         )
+    kind = torch.device(device).type  # "cuda:1" is a CUDA device too
     cores = cores or available_cores()
-    model_cores = 1 if device != "cpu" else model_threads or torch.get_num_threads()
+    model_cores = 1 if kind != "cpu" else model_threads or torch.get_num_threads()
     spare = cores - model_cores
     processes = settings.LOADER_PROCESSES
     if processes == -1:
         processes = spare if spare >= MIN_PROCESSES else 0
-    batch_size = settings.BATCH_SIZE or AUTO_BATCH_SIZE.get(device, CPU_BATCH_SIZE)
-    return LoaderPlan(batch_size, processes, settings.LOADER_THREADS, device == "cuda", spare >= 1)
+    batch_size = settings.BATCH_SIZE or AUTO_BATCH_SIZE.get(kind, CPU_BATCH_SIZE)
+    return LoaderPlan(batch_size, processes, settings.LOADER_THREADS, kind == "cuda", spare >= 1)
 
 
 @dataclass

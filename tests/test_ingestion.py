@@ -46,6 +46,7 @@ def stable(meta: dict) -> dict:
         ("cpu", 16, {"TORCH_THREADS": 4}, (32, 12, False)),
         ("cpu", 4, {"TORCH_THREADS": 3}, (32, 0, False)),  # one spare core: threads
         ("cuda", 16, {"BATCH_SIZE": 64, "LOADER_PROCESSES": 0}, (64, 0, True)),
+        ("cuda:1", 16, {}, (256, 15, True)),
         ("cpu", 2, {"LOADER_PROCESSES": 3}, (32, 3, False)),
     ],
 )
@@ -112,7 +113,7 @@ def test_moves_and_copies_reuse_vectors_without_decoding(coco_dataset, settings_
     settings = settings_for(coco_dataset)
     first, _, vectors = index(settings)
     photos = sorted(coco_dataset.glob("*.jpg"))
-    old_vector = next(v for i, v in vectors.items() if i == path_id(settings, photos[0]))
+    old_vector = vectors[path_id(settings, photos[0])]
     shutil.move(photos[0], coco_dataset / "moved.jpg")
     shutil.copy(coco_dataset / "moved.jpg", coco_dataset / "second copy of the moved.jpg")
     # A changed file whose old content turns up under a new name: the copy gets the old content's

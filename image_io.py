@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import hashlib
 import io
 import logging
@@ -156,26 +157,34 @@ def find_images(root: Path) -> Iterator[Path]:
 def open_inside(root: Path, relative: str) -> tuple[BinaryIO, os.stat_result]:
     """Open `root/relative` once and check the file that was opened: a regular file inside `root`.
 
-    No check-then-open: the opened descriptor itself is compared (device and inode) with the file its
-    path resolves to inside `root` afterwards, so a path swapped for a symlink to a file elsewhere, at
-    any moment, is refused (`PermissionError`) rather than read. `root` must be resolved.
+    No check-then-open: the kernel is asked where the opened descriptor itself lies, so a path swapped
+    for a symlink to a file elsewhere, at any moment, is refused (`PermissionError`) rather than read.
+    `root` must be resolved.
     """
-    path = root / relative
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    descriptor = os.open(root / relative, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         opened = os.fstat(descriptor)
         if not stat.S_ISREG(opened.st_mode):
             raise PermissionError(f"{relative} is not a regular file")
-        real = Path(os.path.realpath(path))
-        if not real.is_relative_to(root):
+        if not Path(_descriptor_path(descriptor, root, relative, opened)).is_relative_to(root):
             raise PermissionError(f"{relative} points outside the dataset folder")
-        current = os.stat(real)
-        if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
-            raise PermissionError(f"{relative} changed while it was being opened")
     except BaseException:
         os.close(descriptor)
         raise
     return os.fdopen(descriptor, "rb"), opened
+
+
+def _descriptor_path(descriptor: int, root: Path, relative: str, opened: os.stat_result) -> str:
+    """Where the open file lies: from the kernel (Linux, macOS), else the path re-resolved and compared."""
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+    if hasattr(fcntl, "F_GETPATH"):
+        return os.fsdecode(fcntl.fcntl(descriptor, fcntl.F_GETPATH, bytes(1024)).rstrip(b"\0"))
+    real = os.path.realpath(root / relative)
+    current = os.stat(real, follow_symlinks=False)
+    if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+        raise PermissionError(f"{relative} changed while it was being opened")
+    return real
 
 
 def file_hash(path: Path) -> str:

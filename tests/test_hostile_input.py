@@ -26,6 +26,7 @@ from conftest import make_settings
 from corrupt_corpus import bad_exif_jpeg
 from PIL import Image
 
+import image_io
 from errors import DamagedStore, MetadataError, MetadataFileError
 from image_retrieval import ImageRetrieval, QueryPart, SearchQuery
 from indexer import image_id
@@ -206,6 +207,47 @@ def test_a_file_flipping_to_a_symlink_is_never_served(api_client, tmp_path):
         flipping.set()
         flipper.join()
     assert statuses[200] > 0 and statuses[404] > 0, statuses
+
+
+@pytest.mark.parametrize("kernel_knows_the_path", [True, False])
+def test_a_path_flipping_between_the_checks_is_refused(tmp_path, monkeypatch, kernel_knows_the_path):
+    """The race CI once hit, made certain: after each check the path flips between a symlink to a
+    file elsewhere and a regular file inside the folder."""
+    root = (tmp_path / "dataset").resolve()
+    root.mkdir()
+    secret, keep, target = tmp_path / "secret.jpg", tmp_path / "keep.jpg", root / "photo.jpg"
+    secret.write_bytes(b"SECRET-")
+    keep.write_bytes(b"photo")
+    os.symlink(secret, target)
+
+    def flip() -> None:
+        swapped = tmp_path / "swapped"
+        if target.is_symlink():
+            os.link(keep, swapped)
+        else:
+            os.symlink(secret, swapped)
+        os.replace(swapped, target)
+
+    def flipping_after(call):
+        def flipped(*args, **kwargs):
+            result = call(*args, **kwargs)
+            flip()
+            return result
+
+        return flipped
+
+    def readlink_without_proc(path, real_readlink=os.readlink):
+        if str(path).startswith("/proc/"):
+            raise OSError("no /proc here")
+        return real_readlink(path)
+
+    if not kernel_knows_the_path:
+        monkeypatch.setattr(image_io.os, "readlink", readlink_without_proc)
+    with monkeypatch.context() as racing:
+        racing.setattr(image_io.os, "fstat", flipping_after(os.fstat))
+        racing.setattr(image_io.os.path, "realpath", flipping_after(os.path.realpath))
+        with pytest.raises(PermissionError):
+            image_io.open_inside(root, "photo.jpg")
 
 
 # -- 7 and 11. files that change after indexing --------------------------------------------------

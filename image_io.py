@@ -187,9 +187,9 @@ def _descriptor_path(descriptor: int, root: Path, relative: str, opened: os.stat
     return real
 
 
-def file_hash(path: Path) -> str:
+def file_hash(source: Path | BinaryIO) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with open(source, "rb") if isinstance(source, Path) else contextlib.nullcontext(source) as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

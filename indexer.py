@@ -331,7 +331,8 @@ class Indexer:
 
         encoder = self.encoder
         loader = FileLoader(
-            [LoadJob(str(file.path), own_hash) for file, own_hash in reads],
+            self.root,
+            [LoadJob(file.relative, own_hash) for file, own_hash in reads],
             KnownHashes(known_hashes),
             encoder.input_resolution,
             self.settings.MAX_IMAGE_MEGAPIXELS,

@@ -19,14 +19,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from errors import ImageLoadError, IndexingRefused
-from image_io import decode_for_model, file_hash, set_decode_memory
+from image_io import decode_for_model, file_hash, open_inside, set_decode_memory
 from photo_metadata import PHOTO_METADATA_VERSION, photo_fields
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class KnownHashes:
 
 @dataclass(frozen=True)
 class LoadJob:
-    path: str
+    path: str  # relative to the loader's root
     own_hash: str = ""  # a stored file's hash: equal means unchanged; empty for a new file
 
 
@@ -138,12 +138,14 @@ class FileLoader(Dataset):
 
     def __init__(
         self,
+        root: Path,
         jobs: list[LoadJob],
         known: KnownHashes,
         resolution: int,
         max_megapixels: float,
         preprocess: Callable[[Any], torch.Tensor],
     ) -> None:
+        self.root = root
         self.jobs = jobs
         self.known = known
         self.resolution = resolution
@@ -155,17 +157,23 @@ class FileLoader(Dataset):
 
     def __getitem__(self, index: int) -> Loaded:
         job = self.jobs[index]
-        path = Path(job.path)
         try:
-            data = path.read_bytes() if path.stat().st_size <= WHOLE_FILE_MAX_BYTES else None
-            content_hash = hashlib.sha256(data).hexdigest() if data is not None else file_hash(path)
+            file, opened = open_inside(self.root, job.path)
         except OSError as error:
-            return Loaded(error=f"cannot read: {error.strerror}")
-        if content_hash == job.own_hash or (not job.own_hash and content_hash in self.known):
-            return Loaded(content_hash)
-        return self._decoded(content_hash, data if data is not None else path)
+            return Loaded(error=f"cannot read: {error.strerror or error}")
+        with file:
+            try:
+                data = file.read() if opened.st_size <= WHOLE_FILE_MAX_BYTES else None
+                content_hash = hashlib.sha256(data).hexdigest() if data is not None else file_hash(file)
+            except OSError as error:
+                return Loaded(error=f"cannot read: {error.strerror or error}")
+            if content_hash == job.own_hash or (not job.own_hash and content_hash in self.known):
+                return Loaded(content_hash)
+            if data is None:
+                file.seek(0)
+            return self._decoded(content_hash, data if data is not None else file)
 
-    def _decoded(self, content_hash: str, source: bytes | Path) -> Loaded:
+    def _decoded(self, content_hash: str, source: bytes | BinaryIO) -> Loaded:
         try:
             image, facts = decode_for_model(source, self.resolution, self.max_megapixels)
             pixels = self.preprocess(image)

@@ -145,8 +145,9 @@ def plain_dataloader(encoder: ClipEncoder, folder: Path, workers: int) -> float:
 
 
 def file_loader(encoder: ClipEncoder, folder: Path) -> FileLoader:
-    jobs = [LoadJob(str(path)) for path in sorted(folder.glob("*.jpg"))]
-    return FileLoader(jobs, KnownHashes([]), encoder.input_resolution, 100.0, encoder.preprocess)
+    root = folder.resolve()
+    jobs = [LoadJob(path.name) for path in sorted(root.glob("*.jpg"))]
+    return FileLoader(root, jobs, KnownHashes([]), encoder.input_resolution, 100.0, encoder.preprocess)
 
 
 def end_to_end(

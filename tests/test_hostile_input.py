@@ -29,7 +29,7 @@ from PIL import Image
 import image_io
 from errors import DamagedStore, MetadataError, MetadataFileError
 from image_retrieval import ImageRetrieval, QueryPart, SearchQuery
-from indexer import image_id
+from indexer import Indexer, image_id
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = 4
@@ -248,6 +248,30 @@ def test_a_path_flipping_between_the_checks_is_refused(tmp_path, monkeypatch, ke
         racing.setattr(image_io.os.path, "realpath", flipping_after(os.path.realpath))
         with pytest.raises(PermissionError):
             image_io.open_inside(root, "photo.jpg")
+
+
+def test_a_file_swapped_for_a_symlink_before_it_is_read_is_not_indexed(
+    tmp_path, tiny_checkpoint, coco_source, monkeypatch
+):
+    dataset = tmp_path / "dataset"
+    names = copy_photos(coco_source, dataset)
+    secret = tmp_path / "secret.jpg"
+    shutil.copy(dataset / names[1], secret)
+    scan = Indexer._scan
+
+    def scan_then_swap(indexer: Indexer):
+        files = scan(indexer)
+        (dataset / names[0]).unlink()
+        os.symlink(secret, dataset / names[0])
+        return files
+
+    monkeypatch.setattr(Indexer, "_scan", scan_then_swap)
+    settings = make_settings(tmp_path, dataset, tiny_checkpoint, LOADER_PROCESSES=0)
+    with ImageRetrieval(settings) as engine:
+        run = engine.index_folder()
+        reason = f"cannot read: {names[0]} points outside the dataset folder"
+        assert run.failures == [(names[0], reason)]
+        assert image_id(names[0]) not in engine.store and engine.count() == PHOTOS - 1
 
 
 # -- 7 and 11. files that change after indexing --------------------------------------------------

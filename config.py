@@ -41,6 +41,9 @@ class Settings:
     BATCH_SIZE: int = 0
     LOADER_PROCESSES: int = -1
     LOADER_THREADS: int = 2
+    # JPEG decoding: "cpu" (Pillow, in the loaders), "gpu" (torchvision on the model's device: nvJPEG on
+    # CUDA) or "auto" (gpu on CUDA where a sample of the run measures it faster and close, device_decode.py).
+    IMAGE_DECODE: str = "auto"
     # CPU threads of torch for the whole process (0: torch's default, one per core). On a machine whose
     # cores other busy processes share, 1 keeps query encoding steady (bench/RESULTS.md, Scale).
     TORCH_THREADS: int = 0

@@ -246,17 +246,22 @@ def decode_for_model(
     The returned facts are the file's own size and format, not the drafted size.
     """
     image = open_image(source, max_megapixels)
-    exif = _exif_or_none(image)
-    orientation = exif_orientation(exif)
-    width, height = image.size
-    upright_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-    facts = ImageFacts(*upright_size, image.format or "unknown", exif)
+    facts, orientation = image_facts(image)
     with _decoding():
         if image.format in ("JPEG", "MPO"):
             _draft(image, DRAFT_MARGIN * min_side)
         with DECODE_BUDGET.reserve(decode_bytes(image)):
             image.load()
             return _reduced(_model_view(to_rgb(upright(image, orientation))), 2 * min_side), facts
+
+
+def image_facts(image: Image.Image) -> tuple[ImageFacts, int]:
+    """The facts of an opened image (its upright size) and its EXIF orientation, without decoding it."""
+    exif = _exif_or_none(image)
+    orientation = exif_orientation(exif)
+    width, height = image.size
+    upright_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return ImageFacts(*upright_size, image.format or "unknown", exif), orientation
 
 
 @contextlib.contextmanager

@@ -327,22 +327,29 @@ class Indexer:
         """Read each file once and encode those with new content; each batch is written while the
         model encodes the next one (where the plan says so). The files whose hash the index holds come
         back, with that hash."""
-        from loaders import FileLoader, KnownHashes, LoadJob, loaded_batches
+        from device_decode import DeviceDecoder, decodes_on_device
+        from loaders import FileLoader, KnownHashes, LoadJob, loaded_batches, with_device_pixels
 
         encoder = self.encoder
+        cpu_loaders = self.loaders.processes or self.loaders.threads
+        on_device = decodes_on_device(self.settings, encoder, [file.path for file, _ in reads], cpu_loaders)
+        megapixels = self.settings.MAX_IMAGE_MEGAPIXELS
         loader = FileLoader(
             self.root,
             [LoadJob(file.relative, own_hash) for file, own_hash in reads],
             KnownHashes(known_hashes),
             encoder.input_resolution,
-            self.settings.MAX_IMAGE_MEGAPIXELS,
+            megapixels,
             encoder.preprocess,
+            on_device,
         )
+        decoder = DeviceDecoder(encoder.device, encoder.input_resolution, megapixels, encoder.preprocess)
         already_held: list[FileOnDisk] = []
         files = iter(file for file, _ in reads)
         with ThreadPoolExecutor(1, thread_name_prefix="writer") as writer:
             writing: Future[None] | None = None
-            for batch in loaded_batches(loader, self.loaders, self.settings.DECODE_MEMORY_MB):
+            for loaded in loaded_batches(loader, self.loaders, self.settings.DECODE_MEMORY_MB):
+                batch = with_device_pixels(loaded, decoder)
                 decoded = self._sort_out(list(itertools.islice(files, len(batch.files))), batch, already_held)
                 vectors = encoder.encode_pixels(batch.pixels) if batch.pixels is not None else None
                 if writing is not None:

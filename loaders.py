@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from device_decode import IMAGE_DECODES, DeviceDecoder, DeviceJpeg, device_jpeg
 from errors import ImageLoadError, IndexingRefused
-from image_io import decode_for_model, file_hash, open_inside, set_decode_memory
+from image_io import ImageFacts, decode_for_model, file_hash, open_inside, set_decode_memory
 from photo_metadata import PHOTO_METADATA_VERSION, photo_fields
 
 if TYPE_CHECKING:
@@ -77,6 +78,10 @@ def plan_loaders(
         raise IndexingRefused(f"BATCH_SIZE must be 0 (chosen by device) or more, not {settings.BATCH_SIZE}")
     if settings.LOADER_THREADS < 1:
         raise IndexingRefused(f"LOADER_THREADS must be 1 or more, not {settings.LOADER_THREADS}")
+    if settings.IMAGE_DECODE not in IMAGE_DECODES:
+        raise IndexingRefused(
+            f"IMAGE_DECODE must be one of {', '.join(IMAGE_DECODES)}, not {settings.IMAGE_DECODE!r}"
+        )
     if settings.LOADER_PROCESSES < -1:
         raise IndexingRefused(
             "LOADER_PROCESSES must be -1 (chosen by cores), 0 (threads) or more, "
@@ -102,6 +107,7 @@ class Loaded:
     facts: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     decoded: bool = False
+    jpeg: DeviceJpeg | None = None  # instead of pixels: to be decoded on the model's device
 
 
 @dataclass
@@ -110,6 +116,10 @@ class LoadedBatch:
 
     pixels: torch.Tensor | None
     files: list[Loaded]
+
+    def pin_memory(self) -> LoadedBatch:
+        """Called by the DataLoader's pinning thread, so that the copy to the GPU can run asynchronously."""
+        return LoadedBatch(self.pixels.pin_memory() if self.pixels is not None else None, self.files)
 
 
 class KnownHashes:
@@ -144,8 +154,10 @@ class FileLoader(Dataset):
         resolution: int,
         max_megapixels: float,
         preprocess: Callable[[Any], torch.Tensor],
+        device_jpegs: bool = False,
     ) -> None:
         self.root = root
+        self.device_jpegs = device_jpegs
         self.jobs = jobs
         self.known = known
         self.resolution = resolution
@@ -174,6 +186,13 @@ class FileLoader(Dataset):
             return self._decoded(content_hash, data if data is not None else file)
 
     def _decoded(self, content_hash: str, source: bytes | BinaryIO) -> Loaded:
+        handed = (
+            device_jpeg(source, self.max_megapixels)
+            if self.device_jpegs and isinstance(source, bytes)
+            else None
+        )
+        if handed is not None:
+            return Loaded(content_hash, jpeg=handed[0], facts=_described(handed[1]), decoded=True)
         try:
             image, facts = decode_for_model(source, self.resolution, self.max_megapixels)
             pixels = self.preprocess(image)
@@ -181,15 +200,18 @@ class FileLoader(Dataset):
             return Loaded(content_hash, error=str(error))
         except Exception as error:  # one bad file never stops the run
             return Loaded(content_hash, error=f"cannot decode: {error}")
-        photo = photo_fields(facts.exif) if facts.exif is not None else {}
-        described = {
-            "width": facts.width,
-            "height": facts.height,
-            "format": facts.format,
-            "photo_metadata": PHOTO_METADATA_VERSION,
-            **photo,
-        }
-        return Loaded(content_hash, pixels, described, decoded=True)
+        return Loaded(content_hash, pixels, _described(facts), decoded=True)
+
+
+def _described(facts: ImageFacts) -> dict[str, Any]:
+    photo = photo_fields(facts.exif) if facts.exif is not None else {}
+    return {
+        "width": facts.width,
+        "height": facts.height,
+        "format": facts.format,
+        "photo_metadata": PHOTO_METADATA_VERSION,
+        **photo,
+    }
 
 
 def collate(files: list[Loaded]) -> LoadedBatch:
@@ -198,6 +220,27 @@ def collate(files: list[Loaded]) -> LoadedBatch:
     for file in files:
         file.pixels = None
     return LoadedBatch(default_collate(decoded) if decoded else None, files)
+
+
+def with_device_pixels(batch: LoadedBatch, decoder: DeviceDecoder) -> LoadedBatch:
+    """The batch with its JPEGs decoded on the device, stacked in order with the CPU-decoded pixels."""
+    handed = [file for file in batch.files if file.jpeg is not None]
+    if not handed:
+        return batch
+    from_device = iter(decoder.pixels([file.jpeg for file in handed]))
+    from_cpu = iter(batch.pixels.to(decoder.device) if batch.pixels is not None else [])
+    stacked = []
+    for file in batch.files:
+        if file.jpeg is None:
+            if file.decoded:
+                stacked.append(next(from_cpu))
+            continue
+        file.jpeg, result = None, next(from_device)
+        if isinstance(result, str):
+            file.error, file.decoded = result, False
+        else:
+            stacked.append(result)
+    return LoadedBatch(torch.stack(stacked) if stacked else None, batch.files)
 
 
 def loaded_batches(loader: FileLoader, plan: LoaderPlan, decode_memory_mb: float) -> Iterator[LoadedBatch]:

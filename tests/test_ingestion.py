@@ -207,3 +207,10 @@ def test_writes_wait_for_the_store_where_the_model_uses_every_core(coco_dataset,
         engine.store.write = slow_write
         summary = engine.index_folder()
     assert summary.encoded > 100 and len(encoded_while_writing) > 5 and not any(encoded_while_writing)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_a_batch_pinned_by_the_dataloader_keeps_its_files():
+    batch = loaders.LoadedBatch(torch.zeros(2, 3, 4, 4), [loaders.Loaded("a"), loaders.Loaded("b")])
+    pinned = batch.pin_memory()
+    assert pinned.pixels.is_pinned() and pinned.files == batch.files

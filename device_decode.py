@@ -52,7 +52,7 @@ DRAFT_FACTORS = (8, 4, 2)
 class DeviceJpeg:
     """What a loader hands over for the device to decode: the file's bytes and its EXIF orientation."""
 
-    data: torch.Tensor  # uint8, the whole file
+    data: bytes  # the whole file: bytes pickle through the worker's pipe, no shared-memory handle each
     size: int  # pixels, from the header
     orientation: int = 1
 
@@ -66,10 +66,7 @@ def device_jpeg(data: bytes, max_megapixels: float) -> tuple[DeviceJpeg, ImageFa
     if image.format != "JPEG" or image.mode not in DEVICE_MODES:
         return None
     facts, orientation = image_facts(image)
-    jpeg = DeviceJpeg(
-        torch.frombuffer(bytearray(data), dtype=torch.uint8), facts.width * facts.height, orientation
-    )
-    return jpeg, facts
+    return DeviceJpeg(data, facts.width * facts.height, orientation), facts
 
 
 def upright(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -116,7 +113,8 @@ class DeviceDecoder:
         """Each file's model input (3 x R x R, on the device), or why neither path could decode it."""
         results: list[torch.Tensor | str] = []
         for chunk in _chunks(jpegs):
-            for jpeg, image in zip(chunk, self._decoded([jpeg.data for jpeg in chunk]), strict=True):
+            files = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in chunk]
+            for jpeg, image in zip(chunk, self._decoded(files), strict=True):
                 on_device = image is not None
                 results.append(self._prepared(image, jpeg.orientation) if on_device else self._on_cpu(jpeg))
         return results
@@ -149,7 +147,7 @@ class DeviceDecoder:
 
     def _on_cpu(self, jpeg: DeviceJpeg) -> torch.Tensor | str:
         try:
-            image, _ = decode_for_model(jpeg.data.numpy().tobytes(), self.resolution, self.max_megapixels)
+            image, _ = decode_for_model(jpeg.data, self.resolution, self.max_megapixels)
             return self.preprocess(image).to(self.device)
         except ImageLoadError as error:
             return str(error)

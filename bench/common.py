@@ -40,9 +40,32 @@ DRIFT_NOTE = (
 )
 
 
-def vit_b32_checkpoint() -> Path:
-    """The real ViT-B/32 architecture with random weights (as fast as the trained model), cached."""
-    path = DATA / "vit-b-32-random.pt"
+# The vision and text towers of OpenAI's released models, as clip.model.CLIP's arguments.
+ARCHITECTURES = {
+    "vit-b-32": dict(
+        embed_dim=512,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=32,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    ),
+    "vit-l-14": dict(
+        embed_dim=768,
+        vision_layers=24,
+        vision_width=1024,
+        vision_patch_size=14,
+        transformer_width=768,
+        transformer_heads=12,
+        transformer_layers=12,
+    ),
+}
+
+
+def random_checkpoint(architecture: str) -> Path:
+    """A released CLIP architecture with random weights (as fast as the trained model), cached."""
+    path = DATA / f"{architecture}-random.pt"
     if not path.is_file():
         import torch
 
@@ -52,20 +75,22 @@ def vit_b32_checkpoint() -> Path:
 
         torch.manual_seed(0)
         model = CLIP(
-            embed_dim=512,
             image_resolution=224,
-            vision_layers=12,
-            vision_width=768,
-            vision_patch_size=32,
             context_length=77,
             vocab_size=49408,
-            transformer_width=512,
-            transformer_heads=8,
-            transformer_layers=12,
+            **ARCHITECTURES[architecture],
         )
         DATA.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     return path
+
+
+def vit_b32_checkpoint() -> Path:
+    return random_checkpoint("vit-b-32")
+
+
+def vit_l14_checkpoint() -> Path:
+    return random_checkpoint("vit-l-14")
 
 
 def tiny_checkpoint() -> Path:
@@ -80,9 +105,19 @@ def tiny_checkpoint() -> Path:
 
 
 def models(choice: str) -> dict[str, Path]:
-    """The benchmark models by label: `vit`, `tiny` or `both`."""
-    available = {"ViT-B/32 arch": vit_b32_checkpoint, "tiny test CLIP": tiny_checkpoint}
-    wanted = {"vit": ["ViT-B/32 arch"], "tiny": ["tiny test CLIP"], "both": list(available)}[choice]
+    """The benchmark models by label: `vit`, `vitl`, `tiny`, `both` (vit and tiny) or `gpu` (vit, vitl)."""
+    available = {
+        "ViT-B/32 arch": vit_b32_checkpoint,
+        "ViT-L/14 arch": vit_l14_checkpoint,
+        "tiny test CLIP": tiny_checkpoint,
+    }
+    wanted = {
+        "vit": ["ViT-B/32 arch"],
+        "vitl": ["ViT-L/14 arch"],
+        "tiny": ["tiny test CLIP"],
+        "both": ["ViT-B/32 arch", "tiny test CLIP"],
+        "gpu": ["ViT-B/32 arch", "ViT-L/14 arch"],
+    }[choice]
     return {label: available[label]() for label in wanted}
 
 

@@ -1,12 +1,13 @@
 """The mirror of a collection, kept on disk: vectors memory-mapped, metadata and keywords in SQLite.
 
-Chroma stays the store of record and answers unfiltered nearest-neighbour queries from its HNSW
-graph; this mirror answers what the graph cannot do well: filters, exact cosine over a subset,
-vectors by id (more like this, duplicate collapse) and keyword search.
+Chroma stays the store of record; this mirror answers the searches: exact cosine over the library or
+a filtered part of it (up to `EXACT_SEARCH_MAX` images; Chroma's HNSW graph answers beyond that),
+filters, vectors by id (more like this, duplicate collapse) and keyword search.
 
-One mirror is one folder: `vectors.f32` (one float32 row per image, rows reused after deletes) and
-`mirror.sqlite` (each row's id and metadata as JSON, the FTS5 keyword table, the field counts and the
-stamp of the collection state it reflects). Opening it reads only the ids, so start-up time and
+One mirror is one folder: `vectors.f32` (one float32 row per image, rows reused after deletes), its
+bfloat16 copy `vectors.bf16` for scans (scan_copy.py), and `mirror.sqlite` (each row's id and
+metadata as JSON, the FTS5 keyword table, the field counts and the stamp of the collection state it
+reflects). Opening it reads only the ids, so start-up time and
 memory do not grow with the metadata; the vectors are paged in by the kernel as they are used. The
 stamp is cleared before each write to the store and set again after, so a mirror a crash left
 half-written never matches the collection and is rebuilt (store.py).
@@ -32,10 +33,12 @@ import numpy as np
 
 from filters import Filter
 from keywords import KeywordIndex
+from scan_copy import ScanCopy, best_rows
 
 log = logging.getLogger(__name__)
 
 VECTORS_FILE = "vectors.f32"
+SCAN_FILE = "vectors.bf16"
 DATABASE_FILE = "mirror.sqlite"
 CURRENT_FILE = "current"
 LOCK_FILE = ".lock"
@@ -46,6 +49,9 @@ MIN_ROWS = 1024
 READ_CHUNK = 20000
 # Rows scored at once by an exact search.
 SCORE_BLOCK = 65536
+# An exact search over at most this share of the rows reads their float32 rows; a broader one scans
+# the bfloat16 copy (reading scattered rows costs about 10x a scan per row).
+GATHER_MAX_SHARE = 0.1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (row INTEGER PRIMARY KEY, id TEXT NOT NULL, meta TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
@@ -81,6 +87,7 @@ class Catalog:
             self._check_schema()
             self._field_counts = Counter(dict(self._db.execute("SELECT name, count FROM fields")))
             self._vectors = self._map_vectors()
+            self._scan = ScanCopy(folder / SCAN_FILE, self._vectors)
             self._read_ids()
         except (sqlite3.Error, OSError, ValueError) as error:
             raise MirrorDamaged(f"{folder}: {error}") from error
@@ -123,6 +130,7 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._vectors.flush()
+            self._scan.flush()
             self._db.close()
 
     def __len__(self) -> int:
@@ -144,6 +152,7 @@ class Catalog:
         with self._lock:
             if stamp:
                 self._vectors.flush()
+                self._scan.flush()
             with self._db:
                 self._set_state(stamp=stamp)
 
@@ -162,6 +171,7 @@ class Catalog:
                     self._alive[row] = True
                 rows.append(row)
             self._vectors[rows] = vectors
+            self._scan.write(rows, vectors)
             with self._db:
                 self._store_metadata(list(zip(rows, ids, metadatas, strict=True)))
 
@@ -231,6 +241,7 @@ class Catalog:
         size = max(old + missing, int(old * 1.5), MIN_ROWS)
         self._vectors.flush()
         self._vectors = self._map_vectors(size)
+        self._scan.resize(size)
         self._ids.extend([None] * (size - old))
         self._alive = np.concatenate([self._alive, np.zeros(size - old, dtype=bool)])
         self._free.extend(range(size - 1, old - 1, -1))
@@ -346,25 +357,50 @@ class Catalog:
             return [row is not None and row < len(mask) and bool(mask[row]) for row in rows]
 
     def exact_top(
-        self, query: np.ndarray, mask: np.ndarray, count: int, exclude: frozenset[str] = frozenset()
+        self,
+        query: np.ndarray,
+        mask: np.ndarray | None,
+        count: int,
+        exclude: frozenset[str] = frozenset(),
     ) -> list[tuple[str, float]]:
-        """The `count` best (id, cosine) among the rows of `mask`, by exact cosine similarity."""
+        """The `count` best (id, cosine) among the rows of `mask` (None: every image), by exact cosine.
+
+        A broad selection is first narrowed by a scan of the bfloat16 copy, outside the lock so that
+        writes and other searches go on; the candidates are then ranked by their float32 vectors.
+        """
         with self._lock:
-            mask = mask[: len(self._ids)] & self._alive[: len(mask)]
-            for image_id in exclude:
-                if image_id in self._rows and self._rows[image_id] < len(mask):
-                    mask[self._rows[image_id]] = False
-            rows = np.flatnonzero(mask)
-            if rows.size == 0:
-                return []
-            scores = np.empty(rows.size, dtype=np.float32)
-            for start in range(0, rows.size, SCORE_BLOCK):  # memory bounded by the block, not the library
-                block = rows[start : start + SCORE_BLOCK]
-                scores[start : start + block.size] = self._vectors[block] @ query
-            count = min(count, rows.size)
-            best = np.argpartition(-scores, count - 1)[:count]
-            best = best[np.lexsort((best, -scores[best]))]
-            return [(self._ids[rows[i]], float(scores[i])) for i in best]
+            selected = self._selection(mask, exclude)
+            chosen = int(selected.sum())
+            if chosen <= len(selected) * GATHER_MAX_SHARE:
+                return self._ranked(np.flatnonzero(selected), query, count)
+            table = self._scan.table()
+        candidates = best_rows(table, query, selected, count)
+        with self._lock:
+            still = self._selection(mask, exclude)
+            candidates = np.sort(candidates[candidates < len(still)])
+            return self._ranked(candidates[still[candidates]], query, count)
+
+    def _selection(self, mask: np.ndarray | None, exclude: frozenset[str]) -> np.ndarray:
+        """Which rows are live images of `mask` (None: all) and not of `exclude`."""
+        selected = self._alive.copy() if mask is None else mask[: len(self._ids)] & self._alive[: len(mask)]
+        for image_id in exclude:
+            row = self._rows.get(image_id)
+            if row is not None and row < len(selected):
+                selected[row] = False
+        return selected
+
+    def _ranked(self, rows: np.ndarray, query: np.ndarray, count: int) -> list[tuple[str, float]]:
+        """The `count` best of `rows` (ascending) by exact cosine, ties in row order."""
+        if rows.size == 0:
+            return []
+        scores = np.empty(rows.size, dtype=np.float32)
+        for start in range(0, rows.size, SCORE_BLOCK):  # memory bounded by the block, not the library
+            block = rows[start : start + SCORE_BLOCK]
+            scores[start : start + block.size] = self._vectors[block] @ query
+        count = min(count, rows.size)
+        best = np.argpartition(-scores, count - 1)[:count]
+        best = best[np.lexsort((best, -scores[best]))]
+        return [(self._ids[rows[i]], float(scores[i])) for i in best]
 
     def scores(self, ids: list[str], query: np.ndarray) -> np.ndarray:
         """Cosine of each image with `query`; 0 for an id removed meanwhile (a search racing a delete)."""

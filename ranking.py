@@ -290,22 +290,22 @@ class Ranker:
         return _fuse(ranked, keyword, self.settings.HYBRID_RRF_K)[:fetch], exhausted and len(keyword) <= fetch
 
     def _vector_candidates(self, fetch: int) -> tuple[list[_Candidate], bool]:
-        total = len(self.catalog)
-        if self.mask is None:
-            scored = self._hnsw(fetch + len(self.exclude))
-        else:
-            selected = int(self.mask.sum())
-            scored = None
-            if selected > self.settings.EXACT_SEARCH_MAX:
-                scored = self._hnsw_filtered(selected, total, fetch)
-            if scored is None:
-                scored = self.catalog.exact_top(self.vector, self.mask, fetch, self.exclude)
-            total = selected
+        total = len(self.catalog) if self.mask is None else int(self.mask.sum())
+        scored = self._graph_candidates(total, fetch) if total > self.settings.EXACT_SEARCH_MAX else None
+        if scored is None:
+            scored = self.catalog.exact_top(self.vector, self.mask, fetch, self.exclude)
         candidates = [
             _Candidate(image_id, score, vector_rank=rank)
             for rank, (image_id, score) in enumerate(scored[:fetch], start=1)
         ]
         return candidates, fetch >= total - len(self.exclude)
+
+    def _graph_candidates(self, total: int, fetch: int) -> list[tuple[str, float]] | None:
+        """The HNSW graph's candidates, for more images than are ranked exactly; None where a filter
+        left too few of them."""
+        if self.mask is None:
+            return self._hnsw(fetch + len(self.exclude))
+        return self._hnsw_filtered(total, fetch)
 
     def _hnsw(self, count: int) -> list[tuple[str, float]]:
         """The graph's nearest images (the query's own ids left out), by exact cosine."""
@@ -315,9 +315,10 @@ class Ranker:
         order = np.lexsort((np.arange(len(ids)), -scores))
         return [(ids[i], float(scores[i])) for i in order]
 
-    def _hnsw_filtered(self, selected: int, total: int, fetch: int) -> list[tuple[str, float]] | None:
+    def _hnsw_filtered(self, selected: int, fetch: int) -> list[tuple[str, float]] | None:
         """A broad filter: over-fetch from the graph and keep matches; None if too few came back."""
         assert self.mask is not None
+        total = len(self.catalog)
         count = min(total, int(fetch * total / selected * 2) + 50 + len(self.exclude))
         found = self._hnsw(count)
         keep = self.catalog.selected([image_id for image_id, _ in found], self.mask)

@@ -14,6 +14,7 @@ from conftest import make_settings
 from data_factory import clustered_vectors, write_tiny_checkpoint
 from in_process import run_script
 
+from config import Settings
 from errors import FilterError, QueryError, UnknownImage
 from filters import parse_filter
 from image_retrieval import ImageRetrieval, QueryPart, SearchQuery, data_uri_bytes
@@ -275,7 +276,7 @@ def test_filter_keeps_only_tagged_images_in_exact_cosine_order(coco_engine, coco
         vector = coco_engine.encoder.encode_texts(["a dog"])[0]
         assert [hit.id for hit in result.hits] == exact_order(coco_engine, vector, tagged)
         assert result.filtered_total == len(tagged)
-    coco_engine.settings = coco_engine.settings.with_overrides(EXACT_SEARCH_MAX=20_000)
+    coco_engine.settings = coco_engine.settings.with_overrides(EXACT_SEARCH_MAX=Settings().EXACT_SEARCH_MAX)
 
 
 def test_filter_operators_and_both_syntaxes_agree(coco_engine):
@@ -466,7 +467,8 @@ def test_pages_do_not_overlap_and_add_up_to_the_top(coco_engine, options):
 
 @pytest.mark.slow
 def test_recall_against_exact_search_on_100k_clustered_vectors(tmp_path):
-    """Unfiltered top-10 from the HNSW graph agrees with exact numpy cosine top-10."""
+    """Top-10 ranked exactly over the mirror is numpy's exact cosine top-10; from the HNSW graph
+    (EXACT_SEARCH_MAX 0), it agrees with it."""
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny512.pt", embed_dim=512)
     dataset = tmp_path / "none"
     dataset.mkdir()
@@ -487,20 +489,22 @@ def test_recall_against_exact_search_on_100k_clustered_vectors(tmp_path):
         text_like = vectors[rng.integers(0, len(vectors), 50)]
         text_like = text_like + rng.standard_normal(text_like.shape).astype(np.float32) * 3 / np.sqrt(512)
         queries = np.concatenate([near_images, text_like])
-        for filters, selected in [(None, len(ids)), ("bucket < 50", 50_000), ("bucket < 10", 10_000)]:
-            allowed = np.array([i % 100 < selected * 100 // len(ids) for i in range(len(ids))])
-            found = 0
-            for query in queries:
-                query = _unit(query)
-                result = engine.search(
-                    SearchQuery(
-                        [QueryPart(vector=query)], top_k=10, filters=filters, collapse_duplicates=False
+        for exact_max, floor in [(Settings().EXACT_SEARCH_MAX, 1.0), (0, 0.98)]:
+            engine.settings = engine.settings.with_overrides(EXACT_SEARCH_MAX=exact_max)
+            for filters, selected in [(None, len(ids)), ("bucket < 50", 50_000), ("bucket < 10", 10_000)]:
+                allowed = np.array([i % 100 < selected * 100 // len(ids) for i in range(len(ids))])
+                found = 0
+                for query in queries:
+                    query = _unit(query)
+                    result = engine.search(
+                        SearchQuery(
+                            [QueryPart(vector=query)], top_k=10, filters=filters, collapse_duplicates=False
+                        )
                     )
-                )
-                scores = np.where(allowed, vectors @ query, -np.inf)
-                exact = set(np.argpartition(-scores, 10)[:10].tolist())
-                found += len(exact & {int(hit.id[1:]) for hit in result.hits})
-            # The target (0.99) is measured in bench/index_quality.py; the graph is built by parallel
-            # inserts, so one build in a loaded CI run scored 0.989 (usually 0.999); a real loss, such as
-            # ef_search 128's 0.77 on text-like queries (bench/RESULTS.md), still fails here.
-            assert found / (10 * len(queries)) >= 0.98, filters
+                    scores = np.where(allowed, vectors @ query, -np.inf)
+                    exact = set(np.argpartition(-scores, 10)[:10].tolist())
+                    found += len(exact & {int(hit.id[1:]) for hit in result.hits})
+                # The graph's target (0.99) is measured in bench/index_quality.py; it is built by parallel
+                # inserts, so one build in a loaded CI run scored 0.989 (usually 0.999); a real loss, such
+                # as ef_search 128's 0.77 on text-like queries (bench/RESULTS.md), still fails here.
+                assert found / (10 * len(queries)) >= floor, (exact_max, filters)

@@ -360,3 +360,57 @@ def test_a_cached_filter_mask_follows_every_write_even_one_made_while_it_is_comp
         opened.update_metadata(ids[5:8], [{"path": "v.jpg", "group": 1}] * 3)
         opened.delete(ids[9:30])
         assert selected_ids(opened, opened.mask(group_one)) == matching_ids(opened, 1)
+
+
+def exact_truth(
+    vectors: dict[str, np.ndarray], query: np.ndarray, allowed: set[str], count: int
+) -> list[str]:
+    ids = sorted(allowed)
+    scores = np.array([vectors[image_id] @ query for image_id in ids])
+    return [ids[i] for i in np.argsort(-scores, kind="stable")[:count]]
+
+
+@pytest.mark.parametrize("share", [1.0, 0.0], ids=["gathered-rows", "bfloat16-scan"])
+def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_copy(
+    tmp_path, monkeypatch, share
+):
+    """Both ways of ranking exactly (reading the selected float32 rows, or narrowing a scan of the
+    bfloat16 copy down and ranking its candidates in float32) give the float32 exact top."""
+    monkeypatch.setattr("catalog.GATHER_MAX_SHARE", share)
+    dim, rng = 64, np.random.default_rng(14)
+
+    def unit(count: int) -> np.ndarray:
+        found = rng.normal(size=(count, dim)).astype(np.float32)
+        return found / np.linalg.norm(found, axis=1, keepdims=True)
+
+    ids = [f"img-{i}" for i in range(3000)]
+    kept = dict(zip(ids, unit(3000), strict=True))
+    catalog = Catalog(tmp_path / "mirror", dim)
+    catalog.put(ids, np.stack(list(kept.values())), [{"group": i % 2} for i in range(3000)])
+    catalog.remove(ids[:500])
+    added = {f"new-{i}": vector for i, vector in enumerate(unit(300))}  # rows freed by the removal
+    changed = dict(zip(ids[500:600], unit(100), strict=True))
+    for batch in (added, changed):
+        catalog.put(list(batch), np.stack(list(batch.values())), [{"group": 0}] * len(batch))
+    kept = {**{i: v for i, v in kept.items() if i not in ids[:500]}, **added, **changed}
+    group_one = parse_filter("group = 1")
+    queries = [*unit(8), kept["img-700"], kept["new-3"]]
+
+    def check(opened: Catalog) -> None:
+        ones = {image_id for image_id, metadata in opened.items() if metadata["group"] == 1}
+        for query in queries:
+            for mask, allowed in [(None, set(kept)), (opened.mask(group_one), ones)]:
+                found = opened.exact_top(query, mask, 25, exclude=frozenset({"img-700"}))
+                assert [image_id for image_id, _ in found] == exact_truth(
+                    kept, query, allowed - {"img-700"}, 25
+                )
+                assert np.allclose(
+                    [score for _, score in found], [kept[i] @ query for i, _ in found], atol=1e-6
+                )
+
+    check(catalog)
+    catalog.close()
+    (tmp_path / "mirror" / "vectors.bf16").unlink()
+    reopened = Catalog(tmp_path / "mirror", dim)
+    check(reopened)
+    reopened.close()

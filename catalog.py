@@ -448,8 +448,9 @@ class MirrorFolder:
         self._lock_file = lock_file
         return folder
 
-    def open_current(self, stamp: str, count: int) -> Catalog | None:
-        """The current mirror if it reflects the collection state `stamp` with `count` images."""
+    def open_current(self, stamp: str, count: int | None) -> Catalog | None:
+        """The current mirror if it reflects the collection state `stamp` with `count` images (None:
+        not counted)."""
         try:
             name = (self.folder / CURRENT_FILE).read_text().strip()
         except OSError:
@@ -461,7 +462,7 @@ class MirrorFolder:
         except MirrorDamaged as error:
             log.warning("the mirror cannot be read, rebuilding it: %s", error)
             return None
-        if catalog.stamp() == stamp and len(catalog) == count:
+        if catalog.stamp() == stamp and count in (None, len(catalog)):
             return catalog
         log.info("the mirror at %s is stale, rebuilding it", catalog.folder)
         catalog.close()

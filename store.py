@@ -267,6 +267,7 @@ class VectorStore:
         self._rebuilder: threading.Thread | None = None
         self._journal: list[Change] | None = None
         self._last_stale_check = time.monotonic()
+        self._server_answered = True
         self._mirror: MirrorFolder | None = None
         self._view: StoreView | None = None
         self._sent = 0
@@ -378,7 +379,11 @@ class VectorStore:
     def _reuse_view(self, collection: Any) -> StoreView | None:
         """The mirror on disk, if it reflects the collection as it is now."""
         stamp = (collection.metadata or {}).get("stamp", "")
-        catalog = self._mirror.open_current(stamp, collection.count())
+        # Embedded, every write goes through this module under the database lock and changes the
+        # stamp, so a stamp that matches is proof enough. Counting would make Chroma load its whole
+        # HNSW graph (2.6 GB and seconds at 1M images) into a process that may never query it.
+        count = collection.count() if self.settings.server_mode or not stamp else None
+        catalog = self._mirror.open_current(stamp, count)
         if catalog is None:
             return None
         log.info("collection %s: %d images (mirror on disk)", self.settings.COLLECTION_NAME, len(catalog))
@@ -417,17 +422,22 @@ class VectorStore:
     def refresh_if_stale(self, wait: bool = False) -> None:
         """Server mode: when another process wrote to the collection, rebuild the mirror in the
         background (searches keep the old one meanwhile). With `wait`, check now and return once the
-        mirror reflects the collection as it was at the call."""
+        mirror reflects the collection as it was at the call. While the server does not answer, every
+        call asks it again and raises StoreUnavailable: no search is answered from a mirror that may
+        have fallen behind."""
         if not self.settings.server_mode:
             return
         now = time.monotonic()
-        if not wait and now - self._last_stale_check < STALE_CHECK_SECONDS:
+        if not wait and self._server_answered and now - self._last_stale_check < STALE_CHECK_SECONDS:
             return
         self._last_stale_check = now
         for _ in range(3):  # a rebuild that was already running may predate the newest write
+            self._server_answered = False  # until it does: every search asks again, and fails meanwhile
             with translated_errors(self.settings):
-                if self._stored_stamp() == self._view.stamp:
-                    return
+                stored = self._stored_stamp()
+            self._server_answered = True
+            if stored == self._view.stamp:
+                return
             rebuilder = self._start_rebuild()
             if not wait:
                 return

@@ -51,11 +51,9 @@ def bucket_limit(spec: str | None) -> int | None:
 
 
 def engine_path(engine: ImageRetrieval, kept: int, spec: str | None) -> str:
-    if spec is None:
-        return "HNSW"
-    if kept > engine.settings.EXACT_SEARCH_MAX:
-        return "HNSW over-fetch + post-filter"
-    return "exact (numpy)"
+    if kept <= engine.settings.EXACT_SEARCH_MAX:
+        return "exact (mirror)"
+    return "HNSW" if spec is None else "HNSW over-fetch + post-filter"
 
 
 def recall(found: list[str], truth: list[str]) -> float:

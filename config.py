@@ -55,7 +55,7 @@ class Settings:
     HNSW_EF_CONSTRUCTION: int = 200
     HNSW_EF_SEARCH: int = 1024
     # Queries over at most this many images (the library, or what a filter keeps) are ranked by exact
-    # cosine over the mirror; beyond it by the HNSW graph (1M: 42 ms a scan on 2 cores, recall 1.0
+    # cosine over the mirror; beyond it by the HNSW graph (1M: 65-75 ms a scan on 2 cores, recall 1.0
     # where the graph's was 0.74; see bench/RESULTS.md).
     EXACT_SEARCH_MAX: int = 1_000_000
     # Search.

@@ -374,7 +374,8 @@ class Catalog:
             if chosen <= len(selected) * GATHER_MAX_SHARE:
                 return self._ranked(np.flatnonzero(selected), query, count)
             table = self._scan.table()
-        candidates = best_rows(table, query, selected, count)
+        end = len(selected) - int(np.argmax(selected[::-1]))  # rows past the last selected one are free
+        candidates = best_rows(table, query, selected[:end], count)
         with self._lock:
             still = self._selection(mask, exclude)
             candidates = np.sort(candidates[candidates < len(still)])

@@ -33,7 +33,6 @@ import numpy as np
 
 from filters import Filter
 from keywords import KeywordIndex
-from scan_copy import ScanCopy, best_rows
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +86,8 @@ class Catalog:
             self._check_schema()
             self._field_counts = Counter(dict(self._db.execute("SELECT name, count FROM fields")))
             self._vectors = self._map_vectors()
+            from scan_copy import ScanCopy  # torch: imported with a mirror, not by `api.py --help`
+
             self._scan = ScanCopy(folder / SCAN_FILE, self._vectors)
             self._read_ids()
         except (sqlite3.Error, OSError, ValueError) as error:
@@ -374,6 +375,8 @@ class Catalog:
             if chosen <= len(selected) * GATHER_MAX_SHARE:
                 return self._ranked(np.flatnonzero(selected), query, count)
             table = self._scan.table()
+        from scan_copy import best_rows
+
         end = len(selected) - int(np.argmax(selected[::-1]))  # rows past the last selected one are free
         candidates = best_rows(table, query, selected[:end], count)
         with self._lock:

@@ -480,8 +480,9 @@ class VectorStore:
     def _writing(self) -> Iterator[Any]:
         """One write, under the write lock; yields the collection. The mirror on disk is marked
         unfinished (an empty stamp) until Chroma, the mirror and the collection's stamp are written.
-        A write that fails before Chroma took any of it leaves the mark as it was; one that fails later
-        leaves the mirror on disk marked for a rebuild at the next start."""
+        A write that fails before Chroma took any of it leaves the mark as it was; one that fails later,
+        or one that damaged Chroma (it took the write and cannot apply it), leaves the mirror on disk
+        marked for a rebuild at the next start, which finds the damage."""
         with self._write_lock, translated_errors(self.settings):
             catalog = self._view.catalog
             before = catalog.stamp()
@@ -490,8 +491,8 @@ class VectorStore:
             try:
                 yield self._view.collection
                 self._bump_stamp()
-            except BaseException:
-                if self._sent == 0 and not self._unfinished:
+            except BaseException as error:
+                if self._sent == 0 and not self._unfinished and not _is_damage(error):
                     self._guarded(lambda: catalog.set_stamp(before))
                 else:
                     self._unfinished = True

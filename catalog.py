@@ -5,7 +5,7 @@ a filtered part of it (up to `EXACT_SEARCH_MAX` images; Chroma's HNSW graph answ
 filters, vectors by id (more like this, duplicate collapse) and keyword search.
 
 One mirror is one folder: `vectors.f32` (one float32 row per image, rows reused after deletes), its
-bfloat16 copy `vectors.bf16` for scans (scan_copy.py), and `mirror.sqlite` (each row's id and
+float16 copy `vectors.f16` for scans (scan_copy.py), and `mirror.sqlite` (each row's id and
 metadata as JSON, the FTS5 keyword table, the field counts and the stamp of the collection state it
 reflects). Opening it reads only the ids, so start-up time and
 memory do not grow with the metadata; the vectors are paged in by the kernel as they are used. The
@@ -37,7 +37,9 @@ from keywords import KeywordIndex
 log = logging.getLogger(__name__)
 
 VECTORS_FILE = "vectors.f32"
-SCAN_FILE = "vectors.bf16"
+SCAN_FILE = "vectors.f16"
+# The scan copy of earlier versions, removed when a mirror is opened.
+OLD_SCAN_FILE = "vectors.bf16"
 DATABASE_FILE = "mirror.sqlite"
 CURRENT_FILE = "current"
 LOCK_FILE = ".lock"
@@ -49,7 +51,7 @@ READ_CHUNK = 20000
 # Rows scored at once by an exact search.
 SCORE_BLOCK = 65536
 # An exact search over at most this share of the rows reads their float32 rows; a broader one scans
-# the bfloat16 copy (reading scattered rows costs about 10x a scan per row).
+# the float16 copy (reading scattered rows costs about 10x a scan per row).
 GATHER_MAX_SHARE = 0.1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (row INTEGER PRIMARY KEY, id TEXT NOT NULL, meta TEXT NOT NULL);
@@ -88,6 +90,7 @@ class Catalog:
             self._vectors = self._map_vectors()
             from scan_copy import ScanCopy  # torch: imported with a mirror, not by `api.py --help`
 
+            (folder / OLD_SCAN_FILE).unlink(missing_ok=True)
             self._scan = ScanCopy(folder / SCAN_FILE, self._vectors)
             self._read_ids()
         except (sqlite3.Error, OSError, ValueError) as error:
@@ -366,7 +369,7 @@ class Catalog:
     ) -> list[tuple[str, float]]:
         """The `count` best (id, cosine) among the rows of `mask` (None: every image), by exact cosine.
 
-        A broad selection is first narrowed by a scan of the bfloat16 copy, outside the lock so that
+        A broad selection is first narrowed by a scan of the float16 copy, outside the lock so that
         writes and other searches go on; the candidates are then ranked by their float32 vectors.
         """
         with self._lock:

@@ -370,12 +370,13 @@ def exact_truth(
     return [ids[i] for i in np.argsort(-scores, kind="stable")[:count]]
 
 
-@pytest.mark.parametrize("share", [1.0, 0.0], ids=["gathered-rows", "bfloat16-scan"])
+@pytest.mark.parametrize("share", [1.0, 0.0], ids=["gathered-rows", "float16-scan"])
 def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_copy(
     tmp_path, monkeypatch, share
 ):
     """Both ways of ranking exactly (reading the selected float32 rows, or narrowing a scan of the
-    bfloat16 copy down and ranking its candidates in float32) give the float32 exact top."""
+    float16 copy down and ranking its candidates in float32) give the float32 exact top; an earlier
+    version's bfloat16 copy is removed."""
     monkeypatch.setattr("catalog.GATHER_MAX_SHARE", share)
     dim, rng = 64, np.random.default_rng(14)
 
@@ -410,7 +411,9 @@ def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_
 
     check(catalog)
     catalog.close()
-    (tmp_path / "mirror" / "vectors.bf16").unlink()
+    (tmp_path / "mirror" / "vectors.f16").unlink()
+    (tmp_path / "mirror" / "vectors.bf16").write_bytes(b"\0" * 1024)
     reopened = Catalog(tmp_path / "mirror", dim)
+    assert not (tmp_path / "mirror" / "vectors.bf16").exists()
     check(reopened)
     reopened.close()

@@ -171,6 +171,10 @@ def _is_damage(error: Exception) -> bool:
     )
 
 
+def _damaged_by(error: BaseException) -> bool:
+    return isinstance(error, DamagedStore) or (isinstance(error, Exception) and _is_damage(error))
+
+
 def damage_message(settings: Settings, error: Exception) -> str:
     where = (
         f"the collection {settings.COLLECTION_NAME!r} on the Chroma server {settings.CHROMA_HOST}"
@@ -492,7 +496,7 @@ class VectorStore:
                 yield self._view.collection
                 self._bump_stamp()
             except BaseException as error:
-                if self._sent == 0 and not self._unfinished and not _is_damage(error):
+                if self._sent == 0 and not self._unfinished and not _damaged_by(error):
                     self._guarded(lambda: catalog.set_stamp(before))
                 else:
                     self._unfinished = True

@@ -2,12 +2,12 @@
 
 Scoring every row of a million 512-d vectors reads 1 GB in float16 against 2 GB in float32, and
 torch's float16 matrix-vector product converts on the fly with vector instructions where numpy has no
-fast half-precision product. On one 2-core AVX-512 machine a scan of 1M rows took 35 ms in float16
-against 100 ms in bfloat16 (torch 2.14 has no fast bfloat16 product there) and 90 ms for numpy's
-float32 product (`python bench/scan_dtypes.py`). Unit vectors' components lie in [-1, 1], where
-float16 rounds each score by about 1e-4 at most, so a scan keeps `RERANK_MARGIN` more candidates than
-asked and the caller ranks them again by their float32 vectors: the answer is the exact top, not an
-approximation of it.
+fast half-precision product. On one 2-core AVX-512 machine a scan of 1M rows took 44 ms in float16
+against 124 ms in bfloat16 (torch 2.14 has no fast bfloat16 product there) and 98 ms for numpy's
+float32 product (`python bench/scan_dtypes.py`, bench/RESULTS.md). Unit vectors' components lie
+in [-1, 1], where float16 rounds each score by about 1e-4 at most, so a scan keeps `RERANK_MARGIN`
+more candidates than asked and the caller ranks them again by their float32 vectors: the answer is
+the exact top, not an approximation of it.
 
 The copy is derived data: written with every row of the float32 file, and regenerated from it when
 the file is missing or of the wrong size (the first start after an upgrade).

@@ -164,15 +164,13 @@ def translated_errors(settings: Settings) -> Iterator[None]:
         raise
 
 
-def _is_damage(error: Exception) -> bool:
+def _is_damage(error: BaseException) -> bool:
+    """Chroma's error for a write it accepted and cannot apply, or that error already translated."""
     text = str(error)
-    return type(error).__name__ == "InternalError" and (
-        "apply logs" in text or "compaction" in text.lower() or "backfill" in text
+    return isinstance(error, DamagedStore) or (
+        type(error).__name__ == "InternalError"
+        and ("apply logs" in text or "compaction" in text.lower() or "backfill" in text)
     )
-
-
-def _damaged_by(error: BaseException) -> bool:
-    return isinstance(error, DamagedStore) or (isinstance(error, Exception) and _is_damage(error))
 
 
 def damage_message(settings: Settings, error: Exception) -> str:
@@ -496,7 +494,7 @@ class VectorStore:
                 yield self._view.collection
                 self._bump_stamp()
             except BaseException as error:
-                if self._sent == 0 and not self._unfinished and not _damaged_by(error):
+                if self._sent == 0 and not self._unfinished and not _is_damage(error):
                     self._guarded(lambda: catalog.set_stamp(before))
                 else:
                     self._unfinished = True

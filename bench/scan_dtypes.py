@@ -12,13 +12,13 @@ and the torch build, so the CPU's flags that matter are printed with the table.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import markdown_table, median, report
+from query_latency import milliseconds
 
 DIM = 512
 FLAGS = ("avx2", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
@@ -60,12 +60,7 @@ def products(vectors: np.ndarray, query: np.ndarray) -> dict[str, Callable[[], n
 
 def p50_ms(call: Callable[[], object], repeats: int) -> float:
     call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000)
-    return median(times)
+    return median([milliseconds(call) for _ in range(repeats)])
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 VECTORS_FILE = "vectors.f32"
 SCAN_FILE = "vectors.f16"
+CODES_FILE = "codes.faiss"
 # The scan copy of earlier versions, removed when a mirror is opened.
 OLD_SCAN_FILE = "vectors.bf16"
 DATABASE_FILE = "mirror.sqlite"
@@ -67,9 +68,10 @@ class MirrorDamaged(Exception):
 class Catalog:
     """Vectors and metadata by id in one folder; thread-safe (one lock, one SQLite connection)."""
 
-    def __init__(self, folder: Path, dim: int) -> None:
+    def __init__(self, folder: Path, dim: int, first_pass_min: int = 0) -> None:
         self.folder = folder
         self.dim = dim
+        self.first_pass_min = first_pass_min
         self._lock = threading.RLock()
         self._ids: list[str | None] = []
         self._alive = np.zeros(0, dtype=bool)
@@ -77,6 +79,8 @@ class Catalog:
         self._free: list[int] = []
         self._masks: OrderedDict[str, tuple[Filter, np.ndarray]] = OrderedDict()
         self._watchers: list[set[int]] = []
+        self._codes_builder: threading.Thread | None = None
+        self._closed = False
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(folder / DATABASE_FILE, check_same_thread=False)
@@ -93,6 +97,7 @@ class Catalog:
             (folder / OLD_SCAN_FILE).unlink(missing_ok=True)
             self._scan = ScanCopy(folder / SCAN_FILE, self._vectors)
             self._read_ids()
+            self._open_codes()
         except (sqlite3.Error, OSError, ValueError) as error:
             raise MirrorDamaged(f"{folder}: {error}") from error
 
@@ -131,10 +136,21 @@ class Catalog:
         self._alive = np.array([image_id is not None for image_id in self._ids], dtype=bool)
         self._free = [row for row in range(capacity - 1, -1, -1) if self._ids[row] is None]
 
+    def _open_codes(self) -> None:
+        from product_codes import ProductCodes  # faiss: imported with a mirror, like scan_copy
+
+        self._codes = ProductCodes(self.folder / CODES_FILE)
+        state = dict(self._db.execute("SELECT key, value FROM state"))
+        self._codes_trained = int(state.get("codes_trained", "0"))
+        if state["stamp"] and state.get("codes_stamp") == state["stamp"] and not self._codes.load():
+            self._codes_trained = 0
+
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._vectors.flush()
             self._scan.flush()
+            self._save_codes()
             self._db.close()
 
     def __len__(self) -> int:
@@ -159,6 +175,66 @@ class Catalog:
                 self._scan.flush()
             with self._db:
                 self._set_state(stamp=stamp)
+            if stamp:
+                self._start_codes_if_due()
+
+    # -- the product codes (product_codes.py) -----------------------------------------------------
+
+    def _start_codes_if_due(self) -> None:
+        """Train and encode the codes in the background once the library is large enough for them,
+        and again when it has doubled since they were trained (caller holds the lock)."""
+        live = len(self._rows)
+        if not self.first_pass_min or live < self.first_pass_min or self._codes_builder is not None:
+            return
+        if self._codes.ready and live < 2 * self._codes_trained:
+            return
+        self._codes_builder = threading.Thread(target=self._build_codes, name="product-codes", daemon=True)
+        self._codes_builder.start()
+
+    def _build_codes(self) -> None:
+        """Encode a snapshot of the vectors outside the lock, then encode again the rows written since."""
+        from product_codes import trained_codes, training_sample
+
+        with self._lock:
+            written: set[int] = set()
+            self._watchers.append(written)
+            vectors, sample, live = (
+                self._vectors[: len(self._ids)],
+                training_sample(self._alive),
+                len(self._rows),
+            )
+        try:
+            log.info("training product codes on %d of %d rows", len(sample), len(vectors))
+            index = trained_codes(vectors, sample)
+        except Exception:
+            log.exception("cannot build the product codes; exact searches keep scanning")
+            index = None
+        with self._lock:
+            self._watchers.remove(written)
+            self._codes_builder = None
+            if index is None or self._closed:
+                return
+            self._codes.adopt(index)
+            self._codes.write(sorted(written), self._vectors)
+            self._codes_trained = live
+            self._save_codes()
+        log.info("product codes ready for %d rows", len(vectors))
+
+    def _save_codes(self) -> None:
+        """Save changed codes with the stamp they reflect (none while a write is under way)."""
+        stamp = self.stamp()
+        if not stamp or not self._codes.changed or self._codes_builder is not None:
+            return
+        self._codes.save()
+        with self._db:
+            self._set_state(codes_stamp=stamp, codes_trained=str(self._codes_trained))
+
+    def wait_for_codes(self) -> bool:
+        """Wait for a build of the codes under way; whether codes are ready."""
+        builder = self._codes_builder
+        if builder is not None:
+            builder.join()
+        return self._codes.ready
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -176,6 +252,7 @@ class Catalog:
                 rows.append(row)
             self._vectors[rows] = vectors
             self._scan.write(rows, vectors)
+            self._codes.write(rows, self._vectors)
             with self._db:
                 self._store_metadata(list(zip(rows, ids, metadatas, strict=True)))
 
@@ -369,8 +446,9 @@ class Catalog:
     ) -> list[tuple[str, float]]:
         """The `count` best (id, cosine) among the rows of `mask` (None: every image), by exact cosine.
 
-        A broad selection is first narrowed by a scan of the float16 copy, outside the lock so that
-        writes and other searches go on; the candidates are then ranked by their float32 vectors.
+        A broad selection is first narrowed, outside the lock so that writes and other searches go
+        on, by the product codes in a large library (product_codes.py), else by a scan of the float16
+        copy; the candidates are then ranked by their float32 vectors.
         """
         with self._lock:
             selected = self._selection(mask, exclude)
@@ -378,10 +456,15 @@ class Catalog:
             if chosen <= len(selected) * GATHER_MAX_SHARE:
                 return self._ranked(np.flatnonzero(selected), query, count)
             table = self._scan.table()
-        from scan_copy import best_rows
-
+            coded = 0 < self.first_pass_min <= len(self._rows)
+            if coded and not self._codes.ready:
+                self._start_codes_if_due()
         end = len(selected) - int(np.argmax(selected[::-1]))  # rows past the last selected one are free
-        candidates = best_rows(table, query, selected[:end], count)
+        candidates = self._codes.best_rows(query, selected[:end], count) if coded else None
+        if candidates is None:
+            from scan_copy import best_rows
+
+            candidates = best_rows(table, query, selected[:end], count)
         with self._lock:
             still = self._selection(mask, exclude)
             candidates = np.sort(candidates[candidates < len(still)])
@@ -439,8 +522,9 @@ class MirrorFolder:
     second process on the same machine (server mode) keeps its mirror in a temporary folder instead.
     """
 
-    def __init__(self, folder: Path, dim: int) -> None:
+    def __init__(self, folder: Path, dim: int, first_pass_min: int = 0) -> None:
         self.dim = dim
+        self.first_pass_min = first_pass_min
         self._lock_file = None
         self._temporary: tempfile.TemporaryDirectory[str] | None = None
         self.folder = self._locked(folder)
@@ -465,7 +549,7 @@ class MirrorFolder:
         if not name or not (self.folder / name).is_dir():
             return None
         try:
-            catalog = Catalog(self.folder / name, self.dim)
+            catalog = Catalog(self.folder / name, self.dim, self.first_pass_min)
         except MirrorDamaged as error:
             log.warning("the mirror cannot be read, rebuilding it: %s", error)
             return None
@@ -476,7 +560,7 @@ class MirrorFolder:
         return None
 
     def new_build(self) -> Catalog:
-        return Catalog(self.folder / f"build-{uuid.uuid4().hex[:12]}", self.dim)
+        return Catalog(self.folder / f"build-{uuid.uuid4().hex[:12]}", self.dim, self.first_pass_min)
 
     def make_current(self, catalog: Catalog) -> None:
         """Point `current` at `catalog`'s folder and delete every other build."""

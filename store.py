@@ -278,7 +278,7 @@ class VectorStore:
             self.client = open_client(settings)
             with translated_errors(settings):
                 collection = self._open_collection(rebuild, create)
-                self._mirror = MirrorFolder(mirror_folder(settings), dim)
+                self._mirror = MirrorFolder(mirror_folder(settings), dim, settings.FIRST_PASS_MIN)
                 self._view = self._reuse_view(collection) or self._read_view(collection)
             self._mirror.make_current(self._view.catalog)
         except BaseException:

@@ -362,6 +362,10 @@ def test_a_cached_filter_mask_follows_every_write_even_one_made_while_it_is_comp
         assert selected_ids(opened, opened.mask(group_one)) == matching_ids(opened, 1)
 
 
+def fail_if_scanned(*arguments: Any) -> None:
+    raise AssertionError("the float16 scan ran where the product codes should have chosen")
+
+
 def exact_truth(
     vectors: dict[str, np.ndarray], query: np.ndarray, allowed: set[str], count: int
 ) -> list[str]:
@@ -370,14 +374,26 @@ def exact_truth(
     return [ids[i] for i in np.argsort(-scores, kind="stable")[:count]]
 
 
-@pytest.mark.parametrize("share", [1.0, 0.0], ids=["gathered-rows", "float16-scan"])
+FIRST_PASSES = {
+    "gathered-rows": {"share": 1.0, "codes_from": 0},
+    "float16-scan": {"share": 0.0, "codes_from": 0},
+    "product-codes": {"share": 0.0, "codes_from": 2000},
+}
+
+
+@pytest.mark.parametrize("first_pass", FIRST_PASSES.values(), ids=FIRST_PASSES.keys())
 def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_copy(
-    tmp_path, monkeypatch, share
+    tmp_path, monkeypatch, first_pass
 ):
-    """Both ways of ranking exactly (reading the selected float32 rows, or narrowing a scan of the
-    float16 copy down and ranking its candidates in float32) give the float32 exact top; an earlier
-    version's bfloat16 copy is removed."""
-    monkeypatch.setattr("catalog.GATHER_MAX_SHARE", share)
+    """Each way of ranking exactly (reading the selected float32 rows; or narrowing the candidates
+    down by a scan of the float16 copy, or by the product codes re-encoded in place and extended by
+    every write, then ranking them in float32) gives the float32 exact top; an earlier version's
+    bfloat16 copy is removed; codes saved with the mirror's stamp are used again after a reopen."""
+    monkeypatch.setattr("catalog.GATHER_MAX_SHARE", first_pass["share"])
+    monkeypatch.setattr("product_codes.RERANK", 300)  # of ~2,800 rows: the codes must choose
+    codes_from = first_pass["codes_from"]
+    if codes_from:
+        monkeypatch.setattr("scan_copy.best_rows", fail_if_scanned)
     dim, rng = 64, np.random.default_rng(14)
 
     def unit(count: int) -> np.ndarray:
@@ -386,16 +402,19 @@ def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_
 
     ids = [f"img-{i}" for i in range(3000)]
     kept = dict(zip(ids, unit(3000), strict=True))
-    catalog = Catalog(tmp_path / "mirror", dim)
+    catalog = Catalog(tmp_path / "mirror", dim, codes_from)
     catalog.put(ids, np.stack(list(kept.values())), [{"group": i % 2} for i in range(3000)])
+    catalog.set_stamp("before")
+    assert catalog.wait_for_codes() == bool(codes_from)
     catalog.remove(ids[:500])
-    added = {f"new-{i}": vector for i, vector in enumerate(unit(300))}  # rows freed by the removal
+    added = {f"new-{i}": vector for i, vector in enumerate(unit(600))}  # 500 rows freed, 100 past the end
     changed = dict(zip(ids[500:600], unit(100), strict=True))
     for batch in (added, changed):
         catalog.put(list(batch), np.stack(list(batch.values())), [{"group": 0}] * len(batch))
+    catalog.set_stamp("after")
     kept = {**{i: v for i, v in kept.items() if i not in ids[:500]}, **added, **changed}
     group_one = parse_filter("group = 1")
-    queries = [*unit(8), kept["img-700"], kept["new-3"]]
+    queries = [*unit(8), kept["img-700"], kept["new-3"], kept["new-599"], kept["img-550"]]
 
     def check(opened: Catalog) -> None:
         ones = {image_id for image_id, metadata in opened.items() if metadata["group"] == 1}
@@ -413,7 +432,8 @@ def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_
     catalog.close()
     (tmp_path / "mirror" / "vectors.f16").unlink()
     (tmp_path / "mirror" / "vectors.bf16").write_bytes(b"\0" * 1024)
-    reopened = Catalog(tmp_path / "mirror", dim)
+    reopened = Catalog(tmp_path / "mirror", dim, codes_from)
     assert not (tmp_path / "mirror" / "vectors.bf16").exists()
+    assert reopened.wait_for_codes() == bool(codes_from)
     check(reopened)
     reopened.close()

@@ -280,6 +280,7 @@ class Api:
             "device": encoder.device,
             "collection": self.settings.COLLECTION_NAME,
             "indexing": self.index_job.state,
+            "first_pass": self.engine.store.first_pass(),
             **request_limits(self.settings),
         }
 

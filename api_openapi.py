@@ -308,7 +308,16 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
         },
         "Health": {
             "type": "object",
-            "required": ["status", "images", "model", "device", "collection", "indexing", *limits],
+            "required": [
+                "status",
+                "images",
+                "model",
+                "device",
+                "collection",
+                "indexing",
+                "first_pass",
+                *limits,
+            ],
             "properties": {
                 "status": {"type": "string", "enum": ["ok"]},
                 "images": {"type": "integer"},
@@ -316,6 +325,12 @@ def _openapi_schemas(settings: Settings) -> dict[str, Any]:
                 "device": {"type": "string"},
                 "collection": {"type": "string"},
                 "indexing": {"type": "string", "enum": ["idle", "running", "done", "failed"]},
+                "first_pass": {
+                    "type": "string",
+                    "enum": ["scan", "codes building", "codes"],
+                    "description": "how exact searches choose their candidates: a scan of every "
+                    "vector, or product codes in a library of FIRST_PASS_MIN images or more",
+                },
                 **{
                     name: {"type": _json_number_type(value), "description": LIMIT_DESCRIPTIONS[name]}
                     for name, value in limits.items()

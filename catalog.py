@@ -229,6 +229,16 @@ class Catalog:
         with self._db:
             self._set_state(codes_stamp=stamp, codes_trained=str(self._codes_trained))
 
+    @property
+    def first_pass(self) -> str:
+        """How a broad exact search chooses its candidates now: "codes", "codes building" or "scan"."""
+        with self._lock:
+            if not 0 < self.first_pass_min <= len(self._rows):
+                return "scan"
+            if self._codes.ready:
+                return "codes"
+            return "codes building" if self._codes_builder is not None else "scan"
+
     def wait_for_codes(self) -> bool:
         """Wait for a build of the codes under way; whether codes are ready."""
         builder = self._codes_builder
@@ -457,7 +467,7 @@ class Catalog:
                 return self._ranked(np.flatnonzero(selected), query, count)
             table = self._scan.table()
             coded = 0 < self.first_pass_min <= len(self._rows)
-            if coded and not self._codes.ready:
+            if coded:
                 self._start_codes_if_due()
         end = len(selected) - int(np.argmax(selected[::-1]))  # rows past the last selected one are free
         candidates = self._codes.best_rows(query, selected[:end], count) if coded else None

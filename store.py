@@ -610,6 +610,9 @@ class VectorStore:
     def mask(self, image_filter: Filter | None) -> np.ndarray:
         return self._view.catalog.mask(image_filter)
 
+    def first_pass(self) -> str:
+        return self.view().catalog.first_pass
+
     def field_names(self) -> frozenset[str]:
         return self._view.catalog.field_names()
 

@@ -22,8 +22,10 @@ import os
 import threading
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it tells at INFO which CPU build it loads
+import faiss  # noqa: E402
 
 log = logging.getLogger(__name__)
 

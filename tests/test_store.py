@@ -262,6 +262,32 @@ def test_a_reopened_store_takes_its_mirror_from_disk_without_reading_chroma(embe
     assert mirror_builds(embedded) == builds and len(builds) == 1
 
 
+def test_product_codes_are_trained_once_kept_in_step_by_writes_and_reused_after_a_reopen(embedded):
+    """A library of FIRST_PASS_MIN images gets its codes in the background; they follow each write,
+    are saved with the stamp at close and read back at the next start instead of trained again."""
+    settings = embedded.with_overrides(FIRST_PASS_MIN=400)
+    ids, vectors, metadatas = records("img", 600, seed=21)
+    with open_store(settings) as first:
+        first.write(ids[:300], vectors[:300], metadatas[:300])
+        assert first.first_pass() == "scan"  # below FIRST_PASS_MIN
+        first.write(ids[300:], vectors[300:], metadatas[300:])
+        assert first.first_pass() in ("codes building", "codes")
+        assert first.view().catalog.wait_for_codes() and first.first_pass() == "codes"
+    codes = store.mirror_folder(settings) / mirror_builds(settings)[0] / "codes.faiss"
+    trained = codes.stat().st_mtime_ns
+    with open_store(settings) as reopened:
+        assert reopened.first_pass() == "codes"  # read back, not building
+        moved = np.roll(vectors[:50], 1, axis=1)
+        reopened.write(ids[:50], moved, metadatas[:50])
+        catalog = reopened.view().catalog
+        for image_id, vector in zip(ids[:50], moved, strict=True):
+            assert catalog.exact_top(vector, None, 1)[0][0] == image_id
+    assert codes.stat().st_mtime_ns > trained  # saved again at close, with the new stamp
+    with open_store(settings) as again:
+        assert again.first_pass() == "codes"
+        assert again.view().catalog.exact_top(moved[7], None, 1)[0][0] == ids[7]
+
+
 def test_a_write_cut_short_by_a_crash_makes_the_next_start_rebuild_the_mirror(embedded):
     ids, vectors, metadatas = records("img", 50, seed=9)
     with open_store(embedded) as crashed:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 VECTORS_FILE = "vectors.f32"
 SCAN_FILE = "vectors.f16"
-CODES_FILE = "codes.faiss"
+CODES_FILE = "codes.npz"
 # The scan copy of earlier versions, removed when a mirror is opened.
 OLD_SCAN_FILE = "vectors.bf16"
 DATABASE_FILE = "mirror.sqlite"

@@ -273,7 +273,7 @@ def test_product_codes_are_trained_once_kept_in_step_by_writes_and_reused_after_
         first.write(ids[300:], vectors[300:], metadatas[300:])
         assert first.first_pass() in ("codes building", "codes")
         assert first.view().catalog.wait_for_codes() and first.first_pass() == "codes"
-    codes = store.mirror_folder(settings) / mirror_builds(settings)[0] / "codes.faiss"
+    codes = store.mirror_folder(settings) / mirror_builds(settings)[0] / "codes.npz"
     trained = codes.stat().st_mtime_ns
     with open_store(settings) as reopened:
         assert reopened.first_pass() == "codes"  # read back, not building
@@ -417,6 +417,7 @@ def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_
     bfloat16 copy is removed; codes saved with the mirror's stamp are used again after a reopen."""
     monkeypatch.setattr("catalog.GATHER_MAX_SHARE", first_pass["share"])
     monkeypatch.setattr("product_codes.RERANK", 300)  # of ~2,800 rows: the codes must choose
+    monkeypatch.setattr("product_codes.SHARD_ROWS", 1024)  # 3,100 rows: four shards, searched side by side
     codes_from = first_pass["codes_from"]
     if codes_from:
         monkeypatch.setattr("scan_copy.best_rows", fail_if_scanned)

@@ -142,7 +142,9 @@ class Catalog:
         self._codes = ProductCodes(self.folder / CODES_FILE)
         state = dict(self._db.execute("SELECT key, value FROM state"))
         self._codes_trained = int(state.get("codes_trained", "0"))
-        if state["stamp"] and state.get("codes_stamp") == state["stamp"] and not self._codes.load():
+        wanted = 0 < self.first_pass_min <= len(self._rows)
+        saved = state["stamp"] and state.get("codes_stamp") == state["stamp"]
+        if wanted and saved and not self._codes.load():
             self._codes_trained = 0
 
     def close(self) -> None:

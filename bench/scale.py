@@ -301,20 +301,7 @@ def main() -> None:
             ],
             summaries,
         ),
-        markdown_table(
-            [
-                "images",
-                "first pass",
-                "query",
-                "p50 ms",
-                "p95 ms",
-                "p99 ms",
-                "p99/p50",
-                "encode p50 ms",
-                "first use ms",
-            ],
-            latencies,
-        ),
+        markdown_table(LATENCY_COLUMNS, latencies),
         markdown_table(["images", "filter", "queries", "recall@10", "worst query"], recalls),
     ]
     notes = [

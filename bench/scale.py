@@ -190,7 +190,7 @@ class Sizes:
             return self.latency(session, server.url, first_pass(server.url))
 
     def latency(self, session: requests.Session, url: str, used: str) -> list[list[object]]:
-        size = (self.collection.size, used)
+        size = self.collection.size
 
         def text_pairs(filters: str | None, mode: str = "vector") -> list:
             bodies = [{"query": text, "top_k": K, "filters": filters, "mode": mode} for text in self.texts]
@@ -204,23 +204,23 @@ class Sizes:
             for label, (spec, _) in FILTERS.items()
         }
         encode_ms, text_ms = paired(text_pairs(None))
-        rows = [[*size, "text", *spread(text_ms), percentile(encode_ms, 50), "-"]]
+        rows = [[size, used, "text", *spread(text_ms), percentile(encode_ms, 50), "-"]]
         for label, (spec, _) in FILTERS.items():
             _, filtered_ms = paired(text_pairs(spec))
-            rows.append([*size, f"text + {label} filter", *spread(filtered_ms), "-", first_use[label]])
+            rows.append([size, used, f"text + {label} filter", *spread(filtered_ms), "-", first_use[label]])
         rng = np.random.default_rng(size)
         similar = [
             post_search(session, url, {"similar_to": self.collection.ids[i], "top_k": K})
             for i in rng.choice(size, len(self.texts), replace=False)
         ]
         _, similar_ms = paired([(lambda: None, send) for send in similar])
-        rows.append([*size, "more like this", *spread(similar_ms), "-", "-"])
+        rows.append([size, used, "more like this", *spread(similar_ms), "-", "-"])
         names = [f"{i:06d}" for i in rng.choice(size, len(self.texts), replace=False)]
         keyword = [
             post_search(session, url, {"query": name, "mode": "keyword", "top_k": K}) for name in names
         ]
         _, keyword_ms = paired([(lambda: None, send) for send in keyword])
-        rows.append([*size, "keyword (file name)", *spread(keyword_ms), "-", "-"])
+        rows.append([size, used, "keyword (file name)", *spread(keyword_ms), "-", "-"])
         return rows
 
     def recall(self, session: requests.Session, url: str) -> list[list[object]]:

@@ -200,11 +200,8 @@ class Catalog:
         with self._lock:
             written: set[int] = set()
             self._watchers.append(written)
-            vectors, sample, live = (
-                self._vectors[: len(self._ids)],
-                training_sample(self._alive),
-                len(self._rows),
-            )
+            end = len(self._alive) - int(np.argmax(self._alive[::-1]))  # free rows past it need no codes
+            vectors, sample, live = self._vectors[:end], training_sample(self._alive), len(self._rows)
         try:
             log.info("training product codes on %d of %d rows", len(sample), len(vectors))
             index = trained_codes(vectors, sample)
@@ -471,11 +468,11 @@ class Catalog:
             coded = 0 < self.first_pass_min <= len(self._rows)
             if coded:
                 self._start_codes_if_due()
-        end = len(selected) - int(np.argmax(selected[::-1]))  # rows past the last selected one are free
-        candidates = self._codes.best_rows(query, selected[:end], count) if coded else None
+        candidates = self._codes.best_rows(query, selected, count) if coded else None
         if candidates is None:
             from scan_copy import best_rows
 
+            end = len(selected) - int(np.argmax(selected[::-1].copy()))  # rows past it are free
             candidates = best_rows(table, query, selected[:end], count)
         with self._lock:
             still = self._selection(mask, exclude)

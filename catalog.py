@@ -142,10 +142,8 @@ class Catalog:
         self._codes = ProductCodes(self.folder / CODES_FILE)
         state = dict(self._db.execute("SELECT key, value FROM state"))
         self._codes_trained = int(state.get("codes_trained", "0"))
-        wanted = 0 < self.first_pass_min <= len(self._rows)
-        saved = state["stamp"] and state.get("codes_stamp") == state["stamp"]
-        if wanted and saved and not self._codes.load():
-            self._codes_trained = 0
+        if self._codes_wanted() and state["stamp"] and state.get("codes_stamp") == state["stamp"]:
+            self._codes.load()
 
     def close(self) -> None:
         with self._lock:
@@ -182,13 +180,16 @@ class Catalog:
 
     # -- the product codes (product_codes.py) -----------------------------------------------------
 
+    def _codes_wanted(self) -> bool:
+        """Whether the library is large enough for product codes (FIRST_PASS_MIN, 0: never)."""
+        return 0 < self.first_pass_min <= len(self._rows)
+
     def _start_codes_if_due(self) -> None:
         """Train and encode the codes in the background once the library is large enough for them,
         and again when it has doubled since they were trained (caller holds the lock)."""
-        live = len(self._rows)
-        if not self.first_pass_min or live < self.first_pass_min or self._codes_builder is not None:
+        if not self._codes_wanted() or self._codes_builder is not None:
             return
-        if self._codes.ready and live < 2 * self._codes_trained:
+        if self._codes.ready and len(self._rows) < 2 * self._codes_trained:
             return
         self._codes_builder = threading.Thread(target=self._build_codes, name="product-codes", daemon=True)
         self._codes_builder.start()
@@ -200,7 +201,7 @@ class Catalog:
         with self._lock:
             written: set[int] = set()
             self._watchers.append(written)
-            end = len(self._alive) - int(np.argmax(self._alive[::-1]))  # free rows past it need no codes
+            end = rows_in_use(self._alive)  # free rows past the last image need no codes
             vectors, sample, live = self._vectors[:end], training_sample(self._alive), len(self._rows)
         try:
             log.info("training product codes on %d of %d rows", len(sample), len(vectors))
@@ -232,7 +233,7 @@ class Catalog:
     def first_pass(self) -> str:
         """How a broad exact search chooses its candidates now: "codes", "codes building" or "scan"."""
         with self._lock:
-            if not 0 < self.first_pass_min <= len(self._rows):
+            if not self._codes_wanted():
                 return "scan"
             if self._codes.ready:
                 return "codes"
@@ -465,15 +466,14 @@ class Catalog:
             if chosen <= len(selected) * GATHER_MAX_SHARE:
                 return self._ranked(np.flatnonzero(selected), query, count)
             table = self._scan.table()
-            coded = 0 < self.first_pass_min <= len(self._rows)
+            coded = self._codes_wanted()
             if coded:
                 self._start_codes_if_due()
         candidates = self._codes.best_rows(query, selected, count) if coded else None
         if candidates is None:
             from scan_copy import best_rows
 
-            end = len(selected) - int(np.argmax(selected[::-1].copy()))  # rows past it are free
-            candidates = best_rows(table, query, selected[:end], count)
+            candidates = best_rows(table, query, selected[: rows_in_use(selected)], count)
         with self._lock:
             still = self._selection(mask, exclude)
             candidates = np.sort(candidates[candidates < len(still)])
@@ -504,6 +504,13 @@ class Catalog:
     def scores(self, ids: list[str], query: np.ndarray) -> np.ndarray:
         """Cosine of each image with `query`; 0 for an id removed meanwhile (a search racing a delete)."""
         return self.vectors(ids, missing_ok=True) @ query if ids else np.zeros(0, dtype=np.float32)
+
+
+def rows_in_use(selected: np.ndarray) -> int:
+    """One past the last selected row (0 when none is): the rows past it are free."""
+    if not selected.any():
+        return 0
+    return len(selected) - int(np.argmax(selected[::-1].copy()))  # argmax is fast on a contiguous copy
 
 
 def lock_exclusively(folder: Path, name: str) -> TextIO:

@@ -317,7 +317,7 @@ class Api:
         self, image_id: str, metadata: dict[str, Any], size: int | None = None
     ) -> str | None:
         try:
-            thumbnail = self.thumbnail(image_id, size=size).thumbnail
+            thumbnail = self.thumbnail(image_id, size=size, metadata=metadata).thumbnail
         except UnknownImage:
             log.warning("no thumbnail for %s: its file is gone or unreadable", metadata.get("path"))
             return None
@@ -326,16 +326,23 @@ class Api:
     def metadata(self, image_id: str) -> dict[str, Any]:
         return self.engine.metadata(image_id)
 
-    def thumbnail(self, image_id: str, if_none_match: Any = None, size: int | None = None) -> ServedThumbnail:
+    def thumbnail(
+        self,
+        image_id: str,
+        if_none_match: Any = None,
+        size: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ServedThumbnail:
         """The thumbnail of the image's file as it is now (opened once), cached while the file is unchanged.
 
         When `if_none_match` matches, the thumbnail is not made (`thumbnail` is None: a 304). `size` is
         THUMBNAIL_SIZE unless given (the tiny inline previews); the small ones are saved at lower quality.
+        `metadata` is the image's where the caller has read it already.
         """
         size = size or self.settings.THUMBNAIL_SIZE
         quality = PREVIEW_QUALITY if size <= PREVIEW_SIZE else 85
-        metadata = self.metadata(image_id)
-        file, opened = self.engine.open_file(image_id)
+        metadata = metadata or self.metadata(image_id)
+        file, opened = self.engine.open_file(image_id, metadata)
         with file:
             etag = f"{file_etag(metadata, opened)[:32]}-{size}"
             if if_none_match is not None and if_none_match.contains(etag):

@@ -54,6 +54,10 @@ SCORE_BLOCK = 65536
 # An exact search over at most this share of the rows reads their float32 rows; a broader one scans
 # the float16 copy (reading scattered rows costs about 10x a scan per row).
 GATHER_MAX_SHARE = 0.1
+# Candidates of the product codes read in float32 at first (beyond the number asked), and how many
+# times the largest error of their approximate scores an unread row must be off by to be ranked too.
+FIRST_STAGE = 512
+ERROR_MARGIN = 2.0
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (row INTEGER PRIMARY KEY, id TEXT NOT NULL, meta TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
@@ -375,12 +379,16 @@ class Catalog:
             vectors[[i for i, row in enumerate(rows) if row < 0]] = 0.0
             return vectors
 
-    def values(self, ids: list[str], key: str) -> list[Any]:
-        """The metadata field `key` of each image (None where absent or removed meanwhile)."""
+    def metadatas(self, ids: list[str]) -> list[dict[str, Any] | None]:
+        """The metadata of each image (None where removed meanwhile), read at once."""
         with self._lock:
             rows = [self._rows.get(image_id) for image_id in ids]
             found = dict(self._metadata_of([row for row in rows if row is not None]))
-        return [None if row is None else found.get(row, {}).get(key) for row in rows]
+        return [None if row is None else found.get(row) for row in rows]
+
+    def values(self, ids: list[str], key: str) -> list[Any]:
+        """The metadata field `key` of each image (None where absent or removed meanwhile)."""
+        return [None if metadata is None else metadata.get(key) for metadata in self.metadatas(ids)]
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         return [(image_id, metadata) for _, image_id, metadata in self._all_records()]
@@ -460,50 +468,94 @@ class Catalog:
         on, by the product codes in a large library (product_codes.py), else by a scan of the float16
         copy; the candidates are then ranked by their float32 vectors.
         """
+        wanted = count + len(exclude)
         with self._lock:
-            selected = self._selection(mask, exclude)
-            chosen = int(selected.sum())
+            selected = self._alive if mask is None else mask[: len(self._ids)] & self._alive[: len(mask)]
+            chosen = len(self._rows) if mask is None else int(np.count_nonzero(selected))
             if chosen <= len(selected) * GATHER_MAX_SHARE:
-                return self._ranked(np.flatnonzero(selected), query, count)
+                rows = np.flatnonzero(selected)
+                return self._ranked(rows[self._still_selected(rows, mask, exclude)], query, count)
             table = self._scan.table()
             coded = self._codes_wanted()
             if coded:
                 self._start_codes_if_due()
-        candidates = self._codes.best_rows(query, selected, count) if coded else None
-        if candidates is None:
+        found = self._codes.best_rows(query, selected, wanted) if coded else None
+        if found is None:
             from scan_copy import best_rows
 
-            candidates = best_rows(table, query, selected[: rows_in_use(selected)], count)
+            rows = np.sort(best_rows(table, query, selected[: rows_in_use(selected)], wanted))
+            with self._lock:
+                return self._ranked(rows[self._still_selected(rows, mask, exclude)], query, count)
         with self._lock:
-            still = self._selection(mask, exclude)
-            candidates = np.sort(candidates[candidates < len(still)])
-            return self._ranked(candidates[still[candidates]], query, count)
+            still = self._still_selected(found.rows, mask, exclude)
+            return self._ranked_in_stages(found.rows[still], found.approximate[still], query, count)
 
-    def _selection(self, mask: np.ndarray | None, exclude: frozenset[str]) -> np.ndarray:
-        """Which rows are live images of `mask` (None: all) and not of `exclude`."""
-        selected = self._alive.copy() if mask is None else mask[: len(self._ids)] & self._alive[: len(mask)]
-        for image_id in exclude:
-            row = self._rows.get(image_id)
-            if row is not None and row < len(selected):
-                selected[row] = False
-        return selected
+    def _still_selected(
+        self, rows: np.ndarray, mask: np.ndarray | None, exclude: frozenset[str]
+    ) -> np.ndarray:
+        """Which of `rows` are (still, after a search outside the lock) live images of `mask` (None:
+        all) and not of `exclude`."""
+        inside = rows < len(self._alive) if mask is None else rows < min(len(self._alive), len(mask))
+        keep = inside.copy()
+        keep[inside] = self._alive[rows[inside]]
+        if mask is not None:
+            keep[inside] &= mask[rows[inside]]
+        excluded = [self._rows[image_id] for image_id in exclude if image_id in self._rows]
+        if excluded:
+            keep &= ~np.isin(rows, excluded)
+        return keep
 
     def _ranked(self, rows: np.ndarray, query: np.ndarray, count: int) -> list[tuple[str, float]]:
         """The `count` best of `rows` (ascending) by exact cosine, ties in row order."""
-        if rows.size == 0:
-            return []
         scores = np.empty(rows.size, dtype=np.float32)
         for start in range(0, rows.size, SCORE_BLOCK):  # memory bounded by the block, not the library
             block = rows[start : start + SCORE_BLOCK]
             scores[start : start + block.size] = self._vectors[block] @ query
+        return self._best(rows, scores, count)
+
+    def _ranked_in_stages(
+        self, rows: np.ndarray, approximate: np.ndarray, query: np.ndarray, count: int
+    ) -> list[tuple[str, float]]:
+        """The `count` best of `rows` by exact cosine, where `rows` come best first by `approximate`
+        scores.
+
+        The float32 vectors are read in stages of doubling size, from `FIRST_STAGE` + `count` rows,
+        until no row left unread could still enter the top: its approximate score is no higher than
+        the next one's, and it would have to be off by `ERROR_MARGIN` times the largest error of the
+        approximate scores read so far. An image query's neighbours stand out and settle in the first
+        stage; a text query's do not, and read every candidate.
+        """
+        read = min(rows.size, FIRST_STAGE + count)
+        exact = self._vectors[rows[:read]] @ query
+        while read < rows.size and not _settled(exact, approximate[:read], approximate[read], count):
+            more = min(rows.size, 2 * read)
+            exact = np.concatenate([exact, self._vectors[rows[read:more]] @ query])
+            read = more
+        return self._best(rows[:read], exact, count)
+
+    def _best(self, rows: np.ndarray, scores: np.ndarray, count: int) -> list[tuple[str, float]]:
+        """The `count` best (id, score) of `rows`, ties in row order."""
+        if rows.size == 0:
+            return []
         count = min(count, rows.size)
         best = np.argpartition(-scores, count - 1)[:count]
-        best = best[np.lexsort((best, -scores[best]))]
+        best = best[np.lexsort((rows[best], -scores[best]))]
         return [(self._ids[rows[i]], float(scores[i])) for i in best]
 
     def scores(self, ids: list[str], query: np.ndarray) -> np.ndarray:
         """Cosine of each image with `query`; 0 for an id removed meanwhile (a search racing a delete)."""
         return self.vectors(ids, missing_ok=True) @ query if ids else np.zeros(0, dtype=np.float32)
+
+
+def _settled(exact: np.ndarray, approximate: np.ndarray, next_approximate: float, count: int) -> bool:
+    """Whether no row after these, approximate score `next_approximate` or less, can still enter the
+    `count` best of `exact`: not unless its approximate score is off by `ERROR_MARGIN` times the
+    largest error seen among these rows (rows with no approximate score, inf, do not count)."""
+    scored = np.isfinite(approximate)
+    if len(exact) < count or not scored.any():
+        return False
+    error = float(np.max(np.abs(exact[scored] - approximate[scored])))
+    return float(np.partition(exact, -count)[-count]) > next_approximate + ERROR_MARGIN * error
 
 
 def rows_in_use(selected: np.ndarray) -> int:

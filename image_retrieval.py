@@ -246,9 +246,12 @@ class ImageRetrieval:
 
     # -- files -----------------------------------------------------------------------------------
 
-    def open_file(self, image_id: str) -> tuple[BinaryIO, os.stat_result]:
-        """The file of an indexed image, opened once and checked as opened (see `image_io.open_inside`)."""
-        metadata = self.store.metadata(image_id)
+    def open_file(
+        self, image_id: str, metadata: dict[str, Any] | None = None
+    ) -> tuple[BinaryIO, os.stat_result]:
+        """The file of an indexed image, opened once and checked as opened (see `image_io.open_inside`);
+        `metadata` is the image's where the caller has read it already."""
+        metadata = metadata or self.store.metadata(image_id)
         if metadata is None:
             raise UnknownImage(image_id)
         try:

@@ -26,6 +26,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -153,23 +154,30 @@ class ProductCodes:
             _append(self._shards, source[: max(rows) + 1], covered)
             self.changed = True
 
-    def best_rows(self, query: np.ndarray, selected: np.ndarray, count: int) -> np.ndarray | None:
-        """Rows of `selected` with the best approximate scores: about `count` + `RERANK` of them, in
-        no particular order; None where the codes are not ready or the selection is too narrow."""
+    def best_rows(self, query: np.ndarray, selected: np.ndarray, count: int) -> Candidates | None:
+        """Rows of `selected` with the best approximate scores, best first, with those scores: about
+        `count` + `RERANK` of them, and every selected row past the codes first (score inf); None where
+        the codes are not ready or the selection is too narrow."""
         with self._lock:
             if not self._shards:
                 return None
             covered = min(self._covered(), len(selected))
-            fetch = math.ceil((count + RERANK) * covered / max(int(selected[:covered].sum()), 1))
+            fetch = math.ceil((count + RERANK) * covered / max(np.count_nonzero(selected[:covered]), 1))
             if fetch > MAX_CANDIDATES:
                 return None
-            found = self._search(np.ascontiguousarray(query, dtype=np.float32)[None], fetch)
-        found = found[found < covered]
+            scores, rows = self._search(np.ascontiguousarray(query, dtype=np.float32)[None], fetch)
+        inside = rows < covered
+        scores, rows = scores[inside], rows[inside]
+        kept = selected[rows]
         tail = np.flatnonzero(selected[covered:]) + covered
-        return np.concatenate([found[selected[found]], tail])
+        return Candidates(
+            np.concatenate([tail, rows[kept]]),
+            np.concatenate([np.full(len(tail), np.inf, dtype=np.float32), scores[kept]]),
+        )
 
-    def _search(self, query: np.ndarray, fetch: int) -> np.ndarray:
-        """The `fetch` rows with the best approximate scores, the shards searched side by side."""
+    def _search(self, query: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The approximate scores and rows of the `fetch` best rows, best first, the shards searched
+        side by side."""
 
         def search(number: int) -> tuple[np.ndarray, np.ndarray]:
             shard = self._shards[number]
@@ -181,8 +189,17 @@ class ProductCodes:
         scores = np.concatenate([shard_scores for shard_scores, _ in found])
         rows = np.concatenate([shard_rows for _, shard_rows in found])
         if len(rows) > fetch:
-            rows = rows[np.argpartition(-scores, fetch - 1)[:fetch]]
-        return rows
+            best = np.argpartition(-scores, fetch - 1)[:fetch]
+            scores, rows = scores[best], rows[best]
+        order = np.argsort(-scores, kind="stable")
+        return scores[order], rows[order]
+
+
+class Candidates(NamedTuple):
+    """Rows best first by an approximate score, with those scores (inf: no approximate score)."""
+
+    rows: np.ndarray
+    approximate: np.ndarray
 
 
 @functools.cache

@@ -216,8 +216,12 @@ class Ranker:
             ranked = self._ranked_by_date(need)
             exhausted = not query.collapse_duplicates  # else only the first pages are collapsed
         page = [candidate for candidate in ranked[query.offset : need] if candidate.id in self.catalog]
-        hits = [self._hit(candidate, query.offset + i + 1) for i, candidate in enumerate(page)]
-        filtered_total = int(self.mask.sum()) if self.mask is not None else None
+        metadatas = self.catalog.metadatas([candidate.id for candidate in page])
+        hits = [
+            self._hit(candidate, query.offset + i + 1, metadata or {})
+            for i, (candidate, metadata) in enumerate(zip(page, metadatas, strict=True))
+        ]
+        filtered_total = int(np.count_nonzero(self.mask)) if self.mask is not None else None
         total, exact = self._total(ranked, exhausted, filtered_total)
         return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note, total, exact)
 
@@ -402,8 +406,7 @@ class Ranker:
             for index in np.flatnonzero(twins.any(axis=1)):
                 page[int(np.argmax(twins[index]))].duplicates.append(rest[start + index].id)
 
-    def _hit(self, candidate: _Candidate, rank: int) -> Hit:
-        metadata = self.catalog.metadata(candidate.id) or {}
+    def _hit(self, candidate: _Candidate, rank: int, metadata: dict[str, Any]) -> Hit:
         return Hit(
             id=candidate.id,
             path=metadata.get("path", ""),

@@ -13,7 +13,7 @@ import pytest
 from conftest import ChromaServer, free_port
 
 import store
-from catalog import Catalog
+from catalog import Catalog, _settled
 from config import Settings
 from errors import StoreError
 from filters import parse_filter
@@ -262,6 +262,48 @@ def test_a_reopened_store_takes_its_mirror_from_disk_without_reading_chroma(embe
     assert mirror_builds(embedded) == builds and len(builds) == 1
 
 
+def test_candidates_are_read_until_no_unread_one_can_enter_the_top():
+    """Reading candidates best first by approximate score stops only once the top's last exact score
+    is above the next approximate score by ERROR_MARGIN times the largest error seen."""
+    exact = np.array([0.90, 0.80, 0.50], dtype=np.float32)
+    approximate = np.array([0.88, 0.83, 0.52], dtype=np.float32)  # off by 0.03 at most
+    assert _settled(exact, approximate, 0.50, count=2)  # 0.80 > 0.50 + 2 x 0.03
+    assert not _settled(exact, approximate, 0.75, count=2)  # a row at 0.75 may be 0.81 in truth
+    assert not _settled(exact, approximate, 0.50, count=3)  # the top's last, 0.50, is not above
+    assert not _settled(exact, approximate, 0.10, count=4)  # fewer read than asked
+    assert not _settled(exact, np.full(3, np.inf, dtype=np.float32), 0.10, count=2)  # no error known
+    assert _settled(exact, np.array([np.inf, 0.83, 0.52], dtype=np.float32), 0.70, count=2)
+
+
+def test_an_image_query_settles_in_the_first_stage_and_a_random_direction_reads_every_candidate(
+    tmp_path, monkeypatch
+):
+    """Both still give the exact top; only how many candidates were read in float32 differs."""
+    monkeypatch.setattr("product_codes.RERANK", 400)
+    monkeypatch.setattr("catalog.FIRST_STAGE", 32)
+    settled = []
+    monkeypatch.setattr(
+        "catalog._settled", lambda *args, **kwargs: settled.append(_settled(*args, **kwargs)) or settled[-1]
+    )
+    dim, rng = 64, np.random.default_rng(5)
+    centres = rng.normal(size=(100, dim))
+    vectors = (np.repeat(centres, 30, axis=0) + 0.1 * rng.normal(size=(3000, dim))).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"img-{i}" for i in range(3000)]
+    catalog = Catalog(tmp_path / "mirror", dim, first_pass_min=1000)
+    catalog.put(ids, vectors, [{}] * 3000)
+    catalog.set_stamp("written")  # the end of a write: codes are due
+    assert catalog.wait_for_codes()
+    direction = rng.normal(size=dim).astype(np.float32)
+    for query, stops_early in [(vectors[45], True), (direction / np.linalg.norm(direction), False)]:
+        settled.clear()
+        found = catalog.exact_top(query, None, 10, exclude=frozenset({"img-45"}))
+        truth = [i for i in np.argsort(-(vectors @ query), kind="stable") if i != 45][:10]
+        assert [image_id for image_id, _ in found] == [ids[i] for i in truth]
+        assert settled == ([True] if stops_early else [False] * len(settled)) and settled
+    catalog.close()
+
+
 def test_product_codes_are_trained_once_kept_in_step_by_writes_and_reused_after_a_reopen(embedded):
     """A library of FIRST_PASS_MIN images gets its codes in the background; they follow each write,
     are saved with the stamp at close and read back at the next start instead of trained again."""
@@ -418,6 +460,7 @@ def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_
     monkeypatch.setattr("catalog.GATHER_MAX_SHARE", first_pass["share"])
     monkeypatch.setattr("product_codes.RERANK", 300)  # of ~2,800 rows: the codes must choose
     monkeypatch.setattr("product_codes.SHARD_ROWS", 1024)  # 3,100 rows: four shards, searched side by side
+    monkeypatch.setattr("catalog.FIRST_STAGE", 16)  # candidates read in stages of 41, 82, 164, ...
     codes_from = first_pass["codes_from"]
     if codes_from:
         monkeypatch.setattr("scan_copy.best_rows", fail_if_scanned)

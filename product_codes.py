@@ -3,12 +3,15 @@
 An exact search over a million images scans 1 GB of float16 (scan_copy.py): 45-110 ms on 2 cores,
 bound by memory bandwidth. Each vector is also kept here as 4-bit product-quantisation codes, one code
 per two dimensions (128 bytes for 512-d), searched by faiss's fast-scan kernel (`IndexPQFastScan`, a
-table lookup in vector registers): about 8 ms for 1M rows on 2 cores. Its `RERANK` best rows by that
-approximate score, plus the count asked, are handed back and the caller ranks them again by their
-float32 vectors, so every score is exact and only the choice of candidates is approximate. Recall@10
-against exact cosine at 1M for the hard (text-like) queries, mean / worst of 200: 0.995 / 0.8 with
-1,000 candidates, 0.999 / 0.9 with 2,000, 1.000 / 0.9 with 3,000, 1.000 / 1.0 with 5,000
-(`python bench/first_pass.py`, bench/RESULTS.md).
+table lookup in vector registers): about 8-11 ms for 1M rows on 2 cores. Its `RERANK` best rows by
+that approximate score, plus the count asked, are handed back best first with those scores, and the
+caller ranks them again by their float32 vectors, so every score is exact and only the choice of
+candidates is approximate. The caller reads them in stages and stops once no unread candidate can
+still enter the top (catalog.py, `Catalog._ranked_in_stages`): an image query's neighbours stand out
+and settle among the first few hundred; a text query of the random-weight test model, a random
+direction to the library, reads all of them. Recall@10 against exact cosine at 1M for those hard
+queries, mean / worst of 200: 0.995 / 0.8 with 1,000 candidates, 0.999 / 0.9 with 2,000, 1.000 / 0.9
+with 3,000, 1.000 / 1.0 with 5,000 (`python bench/first_pass.py`, bench/RESULTS.md).
 
 Rows are the mirror's rows, in shards of `SHARD_ROWS` searched side by side on the cores. A row
 written again is re-encoded in place; rows past the last coded one are appended. The codes are

@@ -357,12 +357,7 @@ class Catalog:
             return frozenset(name for name, count in self._field_counts.items() if count > 0)
 
     def metadata(self, image_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._rows.get(image_id)
-            if row is None:
-                return None
-            found = self._db.execute("SELECT meta FROM images WHERE row = ?", (row,)).fetchone()
-            return json.loads(found[0]) if found else None
+        return self.metadatas([image_id])[0]
 
     def vector(self, image_id: str) -> np.ndarray | None:
         with self._lock:
@@ -506,7 +501,7 @@ class Catalog:
         return keep
 
     def _ranked(self, rows: np.ndarray, query: np.ndarray, count: int) -> list[tuple[str, float]]:
-        """The `count` best of `rows` (ascending) by exact cosine, ties in row order."""
+        """The `count` best of `rows` by exact cosine, ties in row order."""
         scores = np.empty(rows.size, dtype=np.float32)
         for start in range(0, rows.size, SCORE_BLOCK):  # memory bounded by the block, not the library
             block = rows[start : start + SCORE_BLOCK]

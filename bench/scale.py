@@ -228,17 +228,17 @@ class Sizes:
         """Recall@10 against exact cosine of text queries, unfiltered and filtered, and of more like
         this (a stored image's vector, that image left out)."""
         rows = []
+        collection = self.collection
         vectors = self.encoder.encode_texts(self.texts)
         for label, (spec, below) in {"none": (None, None), **FILTERS}.items():
-            mask = None if below is None else self.collection.mask(below)
+            mask = None if below is None else collection.mask(below)
             recalls = []
             for text, vector in zip(self.texts, vectors, strict=True):
                 found = found_ids(session, url, {"query": text, "filters": spec})
-                truth = {self.collection.ids[i] for i in exact_top(self.collection.vectors, vector, K, mask)}
+                truth = {collection.ids[i] for i in exact_top(collection.vectors, vector, K, mask)}
                 recalls.append(len(found & truth) / K)
-            rows.append([self.collection.size, "text", label, len(recalls), np.mean(recalls), min(recalls)])
+            rows.append([collection.size, "text", label, len(recalls), np.mean(recalls), min(recalls)])
         recalls = []
-        collection = self.collection
         for i in np.random.default_rng(collection.size + 1).choice(collection.size, len(self.texts)):
             found = found_ids(session, url, {"similar_to": collection.ids[i]})
             best = [j for j in exact_top(collection.vectors, collection.vectors[i], K + 1) if j != i]

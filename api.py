@@ -754,11 +754,20 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    let_idle_threads_sleep()
     return run_front_end(
         lambda: settings_from(args),
         run_server,
         log_format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def let_idle_threads_sleep(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """Make OpenMP's threads (torch's, faiss's) sleep once their work is done rather than spin, unless
+    OMP_WAIT_POLICY says otherwise. A text query encodes on every core, then scans the product codes
+    on every core: the encoder's spinning threads slowed that scan from 7 to 11 ms on 2 cores
+    (bench/RESULTS.md). Read when torch loads, so set before the engine is built."""
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run_server(settings: Settings) -> int:

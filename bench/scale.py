@@ -1,6 +1,6 @@
 """Benchmark 4: the engine from 100k to 1M images: build, disk, memory, start-up, latency, recall.
 
-    python bench/scale.py [--sizes 100000 250000 500000 1000000] [--queries 200]
+    python bench/scale.py [--sizes 100000 250000 500000 1000000] [--queries 200] [--warm-only]
 
 For each size, the synthetic collection (bench/synthetic.py: clustered 512-d vectors and metadata
 written straight into the store, cached under bench/data/) is served by `python api.py`:
@@ -88,6 +88,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100000, 250000, 500000, 1000000])
     parser.add_argument("--queries", type=int, default=200, help="queries of each kind")
+    parser.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="keep the mirror on disk and skip the cold start (its columns read '-')",
+    )
     return parser.parse_args()
 
 
@@ -137,8 +142,11 @@ def first_pass(url: str) -> str:
 class Sizes:
     """One collection's measurements, as table rows."""
 
-    def __init__(self, collection: SyntheticCollection, encoder: ClipEncoder, queries: int) -> None:
+    def __init__(
+        self, collection: SyntheticCollection, encoder: ClipEncoder, queries: int, warm_only: bool = False
+    ) -> None:
         self.collection = collection
+        self.warm_only = warm_only
         self.encoder = encoder
         self.texts = captions(queries)
         self.settings = collection.settings(RATE_LIMIT_PER_MINUTE=0, API_THREADS=4)
@@ -146,8 +154,7 @@ class Sizes:
     def run(self, empty: dict[str, float]) -> tuple[list[object], list[list[object]], list[list[object]]]:
         size = self.collection.size
         load = model_load_seconds(self.settings)
-        shutil.rmtree(mirror_path(self.settings), ignore_errors=True)
-        cold, codes = cold_start_seconds(self.settings)
+        cold, codes = ("-", "-") if self.warm_only else self.cold_start()
         warm = start_seconds(self.settings)
         chroma_mb = chroma_alone_mb(self.collection.db)
         server = ApiServer(self.settings, start_timeout=START_TIMEOUT_SECONDS)
@@ -180,6 +187,10 @@ class Sizes:
             mirror_kb,
         ]
         return summary, latency, recall
+
+    def cold_start(self) -> tuple[float, float]:
+        shutil.rmtree(mirror_path(self.settings), ignore_errors=True)
+        return cold_start_seconds(self.settings)
 
     def latency_with_scan(self) -> list[list[object]]:
         """The same queries with the product codes turned off (FIRST_PASS_MIN=0), on the same mirror."""
@@ -284,7 +295,8 @@ def main() -> None:
     empty = empty_baseline()
     summaries, latencies, recalls = [], [], []
     for size in args.sizes:
-        summary, latency, recall = Sizes(synthetic_collection(size), encoder, args.queries).run(empty)
+        sizes = Sizes(synthetic_collection(size), encoder, args.queries, args.warm_only)
+        summary, latency, recall = sizes.run(empty)
         summaries.append(summary)
         latencies += latency
         recalls += recall

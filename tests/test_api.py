@@ -801,3 +801,15 @@ def test_bad_settings_stop_the_server_with_a_message(tmp_path, tiny_checkpoint, 
         timeout=300,
     )
     assert result.returncode == 1 and "unknown model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_server_lets_idle_openmp_threads_sleep_unless_the_user_chose_a_policy():
+    """A text query's encoder threads would otherwise spin on the cores its product-code scan needs."""
+    from api import let_idle_threads_sleep
+
+    unset: dict[str, str] = {}
+    let_idle_threads_sleep(unset)
+    assert unset == {"OMP_WAIT_POLICY": "PASSIVE"}
+    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
+    let_idle_threads_sleep(chosen)
+    assert chosen == {"OMP_WAIT_POLICY": "ACTIVE"}

@@ -3,6 +3,7 @@ refused writes changing nothing, and a mirror rebuilt in server mode while write
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -307,6 +308,42 @@ def test_an_image_query_settles_in_the_first_stage_and_a_random_direction_reads_
             assert settled == [True]  # at the first check: 42 of the 410 candidates read
         else:
             assert settled and not any(settled)  # every candidate read
+    catalog.close()
+
+
+def resident_kb(path: Path) -> int:
+    """Kilobytes of `path`'s pages in this process's page tables, over all its mappings."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if not line[:1].isupper():  # a mapping's header line: its addresses, then its file
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's /proc/self/smaps")
+def test_a_reopened_mirror_maps_the_pages_of_its_vectors_in_the_background(tmp_path):
+    """Every page of the rows in use is in the page tables soon after opening, though no search read
+    them: the first searches' scattered reads take no page faults."""
+    dim, count = 512, 4096  # 8 MB of float32, 2,048 pages
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(count, dim)).astype(np.float32)
+    writer = Catalog(tmp_path / "mirror", dim)
+    writer.put([f"img-{i}" for i in range(count)], vectors, [{}] * count)
+    writer.set_stamp("written")
+    writer.close()
+    del writer
+    gc.collect()  # its mapping, whose pages the writes touched, is gone
+    vectors_file = tmp_path / "mirror" / "vectors.f32"
+    assert resident_kb(vectors_file) == 0
+
+    catalog = Catalog(tmp_path / "mirror", dim)
+    deadline = time.monotonic() + 30
+    while resident_kb(vectors_file) < count * dim * 4 // 1024 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert resident_kb(vectors_file) >= count * dim * 4 // 1024
+    assert np.array_equal(catalog.vector("img-7"), vectors[7])
     catalog.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import gc
 import hashlib
 import ipaddress
@@ -23,6 +24,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -302,16 +304,23 @@ class Api:
         return answer
 
     def _results(self, result: SearchResult, include_images: bool, previews: int) -> list[dict[str, Any]]:
-        results = []
-        for position, hit in enumerate(result.hit_dicts()):
+        hits = result.hit_dicts()
+        for hit in hits:
             hit["thumbnail_url"] = f"/thumbnails/{hit['id']}"
             hit["image_url"] = f"/images/{hit['id']}"
-            if include_images:
-                hit["image"] = self._thumbnail_data_uri(hit["id"], hit["metadata"])
-            elif position < previews:
-                hit["preview"] = self._thumbnail_data_uri(hit["id"], hit["metadata"], PREVIEW_SIZE)
-            results.append(hit)
-        return results
+        if include_images:
+            self._add_pictures(hits, "image")
+        else:
+            self._add_pictures(hits[:previews], "preview", PREVIEW_SIZE)
+        return hits
+
+    def _add_pictures(self, hits: list[dict[str, Any]], key: str, size: int | None = None) -> None:
+        """Inline thumbnails made side by side: a page of photos not cached yet decodes ten files."""
+        pictures = _thumbnail_pool().map(
+            lambda hit: self._thumbnail_data_uri(hit["id"], hit["metadata"], size), hits
+        )
+        for hit, picture in zip(hits, pictures, strict=True):
+            hit[key] = picture
 
     def _thumbnail_data_uri(
         self, image_id: str, metadata: dict[str, Any], size: int | None = None
@@ -372,6 +381,12 @@ def file_etag(metadata: dict[str, Any], opened: os.stat_result) -> str:
     facts = (metadata.get("content_hash"), opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
     identity = ":".join(str(fact) for fact in facts)
     return hashlib.sha256(identity.encode()).hexdigest()
+
+
+@functools.cache
+def _thumbnail_pool() -> ThreadPoolExecutor:
+    """Threads that make a page's thumbnails side by side (Pillow lets go of the GIL while decoding)."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="thumbnails")
 
 
 def current_api() -> Api:

@@ -8,7 +8,8 @@ One mirror is one folder: `vectors.f32` (one float32 row per image, rows reused 
 float16 copy `vectors.f16` for scans (scan_copy.py), and `mirror.sqlite` (each row's id and
 metadata as JSON, the FTS5 keyword table, the field counts and the stamp of the collection state it
 reflects). Opening it reads only the ids, so start-up time and
-memory do not grow with the metadata; the vectors are paged in by the kernel as they are used. The
+memory do not grow with the metadata; a background thread then maps the vectors' pages (page cache
+the kernel can reclaim), so that the first searches do not fault them in row by row. The
 stamp is cleared before each write to the store and set again after, so a mirror a crash left
 half-written never matches the collection and is rebuilt (store.py).
 """

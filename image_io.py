@@ -368,8 +368,8 @@ def thumbnail_jpeg(source: ImageSource, size: int, max_megapixels: float, qualit
     image = open_image(source, max_megapixels)
     orientation = exif_orientation(_exif_or_none(image))
     with _decoding():
-        if image.format in ("JPEG", "MPO"):
-            image.draft("RGB", (size, size))
+        if image.format in ("JPEG", "MPO"):  # DCT-scaled while the long side stays >= size
+            _draft(image, math.ceil(size * min(image.size) / max(image.size)))
         with DECODE_BUDGET.reserve(decode_bytes(image)):
             image.load()
             image = to_rgb(upright(image, orientation))

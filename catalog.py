@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -61,8 +62,10 @@ GATHER_MAX_SHARE = 0.1
 # times the largest error of their approximate scores an unread row must be off by to be ranked too.
 FIRST_STAGE = 512
 ERROR_MARGIN = 2.0
-# Values read at once (one per page) while the vectors' pages are mapped in the background.
+# Values read at once (one per page) while the vectors' pages are mapped in the background, and the
+# share of the machine's memory the vectors may take for that (larger ones are left to the searches).
 MAPPING_CHUNK = 1 << 21
+MAPPING_MEMORY_SHARE = 0.5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (row INTEGER PRIMARY KEY, id TEXT NOT NULL, meta TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
@@ -136,7 +139,15 @@ class Catalog:
         return np.memmap(path, dtype=np.float32, mode="r+", shape=(rows, self.dim))
 
     def _start_mapping_pages(self) -> None:
-        args = (self._vectors, rows_in_use(self._alive))
+        rows = rows_in_use(self._alive)
+        if rows * self.dim * 4 > MAPPING_MEMORY_SHARE * _physical_memory():
+            log.info(
+                "%d vectors take more than %.0f%% of memory: not mapped ahead",
+                rows,
+                100 * MAPPING_MEMORY_SHARE,
+            )
+            return
+        args = (self._vectors, rows)
         threading.Thread(target=self._map_pages, args=args, name="mirror-pages", daemon=True).start()
 
     def _map_pages(self, vectors: np.memmap, rows: int) -> None:
@@ -579,6 +590,14 @@ def _settled(exact: np.ndarray, approximate: np.ndarray, next_approximate: float
         return False
     error = float(np.max(np.abs(exact[scored] - approximate[scored])))
     return float(np.partition(exact, -count)[-count]) > next_approximate + ERROR_MARGIN * error
+
+
+def _physical_memory() -> float:
+    """The machine's memory in bytes (infinite where the system does not tell)."""
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):
+        return math.inf
 
 
 def rows_in_use(selected: np.ndarray) -> int:

@@ -386,7 +386,9 @@ def file_etag(metadata: dict[str, Any], opened: os.stat_result) -> str:
 @functools.cache
 def _thumbnail_pool() -> ThreadPoolExecutor:
     """Threads that make a page's thumbnails side by side (Pillow lets go of the GIL while decoding)."""
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="thumbnails")
+    from loaders import available_cores  # torch: imported once the engine is up, not by `api.py --help`
+
+    return ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="thumbnails")
 
 
 def current_api() -> Api:

@@ -208,4 +208,6 @@ class Candidates(NamedTuple):
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
     """Threads that search the shards side by side (faiss lets go of the GIL)."""
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="codes-search")
+    from loaders import available_cores  # torch, loaded by then: the mirror imports scan_copy first
+
+    return ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="codes-search")

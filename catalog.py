@@ -34,6 +34,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from columns import FieldColumn, read_column
 from filters import Filter
 from keywords import KeywordIndex
 
@@ -50,6 +51,9 @@ LOCK_FILE = ".lock"
 SCHEMA_VERSION = "1"
 # Filter masks kept per mirror, bounded by their total size (one byte per row).
 MASK_CACHE_BYTES = 16 * 1024 * 1024
+# Metadata columns kept per mirror for new filters (columns.py); one field whose 1M values all differ
+# (a time stamp) takes about 80 MB.
+COLUMN_CACHE_BYTES = 256 * 1024 * 1024
 MIN_ROWS = 1024
 READ_CHUNK = 20000
 # Bytes of float32 rows gathered at once to score them: under the 1 MB above which glibc maps each
@@ -90,6 +94,7 @@ class Catalog:
         self._rows: dict[str, int] = {}
         self._free: list[int] = []
         self._masks: OrderedDict[str, tuple[Filter, np.ndarray]] = OrderedDict()
+        self._columns: OrderedDict[str, FieldColumn] = OrderedDict()
         self._watchers: list[set[int]] = []
         self._codes_builder: threading.Thread | None = None
         self._closed = False
@@ -350,6 +355,10 @@ class Catalog:
                 self._masks[key] = (image_filter, mask)
             for row, metadata in changed.items():
                 mask[row] = metadata is not None and image_filter.matches(metadata)
+        for name, column in self._columns.items():
+            column.write(
+                {row: None if metadata is None else metadata.get(name) for row, metadata in changed.items()}
+            )
 
     def _forget_fields(self, rows: list[int]) -> None:
         for _, metadata in self._metadata_of(rows):
@@ -442,8 +451,9 @@ class Catalog:
     def mask(self, image_filter: Filter | None) -> np.ndarray:
         """Which rows are live images matching the filter.
 
-        A filter's first use reads every image's metadata, on a connection of its own so that writes
-        and other searches go on; its mask is then cached and kept up to date by the writes.
+        A filter's first use reads the fields it tests that no recent filter read (columns.py), on a
+        connection of its own so that writes and other searches go on; its mask is then cached and
+        kept up to date by the writes, as are the columns.
         """
         with self._lock:
             if image_filter is None:
@@ -455,16 +465,46 @@ class Catalog:
             watcher: set[int] = set()
             self._watchers.append(watcher)
             size = len(self._ids)
+            mask = self._alive.copy()
+            views = {
+                name: self._columns[name].view(size) for name in image_filter.fields & self._columns.keys()
+            }
         try:
-            mask = np.zeros(size, dtype=bool)
-            for row, _, metadata in self._all_records():
-                if row < size:
-                    mask[row] = image_filter.matches(metadata)
+            read = {name: self._read_column(name, size) for name in image_filter.fields - views.keys()}
+            views.update((name, column.view(size)) for name, column in read.items())
+            for condition in image_filter.conditions:
+                mask &= views[condition.field].matching(condition)
         finally:
             with self._lock:
                 self._watchers.remove(watcher)
         with self._lock:
+            self._cache_columns(read, watcher)
             return self._cache_mask(image_filter, mask, watcher)
+
+    def _read_column(self, name: str, size: int) -> FieldColumn:
+        reader = sqlite3.connect(self.folder / DATABASE_FILE)
+        try:
+            return read_column(reader, name, size, self._rows_and_metadata)
+        finally:
+            reader.close()
+
+    def _rows_and_metadata(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        return ((row, metadata) for row, _, metadata in self._all_records())
+
+    def _cache_columns(self, read: dict[str, FieldColumn], written: set[int]) -> None:
+        """Cache columns read outside the lock, after writing to them the rows written meanwhile."""
+        if not read:
+            return
+        metadatas = dict(self._metadata_of(sorted(written)))
+        for name, column in read.items():
+            column.write({row: metadatas.get(row, {}).get(name) for row in written})
+            self._columns[name] = column
+            self._columns.move_to_end(name)
+        while (
+            len(self._columns) > 1
+            and sum(column.nbytes for column in self._columns.values()) > COLUMN_CACHE_BYTES
+        ):
+            self._columns.popitem(last=False)
 
     def _cache_mask(self, image_filter: Filter, mask: np.ndarray, written: set[int]) -> np.ndarray:
         """Cache a mask computed outside the lock, after redoing the rows written meanwhile."""

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import numpy as np
 
 from errors import FilterError
 
@@ -41,6 +44,8 @@ TIMESTAMP_FIELDS = frozenset({"modified", "indexed", "taken"})
 MAX_FILTER_CHARS = 10_000
 MAX_FILTER_VALUES = 1_000
 KNOWN_FIELDS_SHOWN = 40
+# Integers up to this size are exactly floats (2**53).
+FLOAT_EXACT_INTEGERS = 2**53
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 # One word of the text form: quoted and unquoted pieces with no space between them.
@@ -68,13 +73,23 @@ class Condition:
             object.__setattr__(self, "_members", frozenset(_member(value) for value in self.value))
 
     def matches(self, metadata: dict[str, Any]) -> bool:
-        stored = metadata.get(self.field)
+        return self.matches_value(metadata.get(self.field))
+
+    def matches_value(self, stored: Any) -> bool:
+        """Whether an image whose field holds `stored` (None: no such field) meets the condition."""
         if stored is None:
             return self.op == "$ne"
         if self.op == "$in":
             items = stored if isinstance(stored, list) else [stored]
             return any(_member(item) in self._members for item in items)
         return _COMPARE[self.op](stored, self.value)
+
+    def matches_values(self, values: Sequence[Any], numbers: np.ndarray | None) -> np.ndarray:
+        """`matches_value` of each of `values`; `numbers` holds them as exact floats (NaN where not a
+        number), which an order comparison with a number tests all at once."""
+        if numbers is not None and self.op in _ORDERED_ARRAYS and exact_float(self.value) is not None:
+            return _ORDERED_ARRAYS[self.op](numbers, self.value)
+        return np.fromiter((self.matches_value(value) for value in values), dtype=bool, count=len(values))
 
 
 @dataclass(frozen=True)
@@ -315,6 +330,17 @@ def _ordered(test: Any) -> Any:
     return compare
 
 
+def exact_float(value: Any) -> float | None:
+    """A number as the float that equals it exactly; None for what is not a number (booleans
+    included) or an integer a float cannot hold."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and abs(value) > FLOAT_EXACT_INTEGERS:
+        return None
+    return float(value)
+
+
+_ORDERED_ARRAYS = {"$gt": np.greater, "$gte": np.greater_equal, "$lt": np.less, "$lte": np.less_equal}
 _COMPARE = {
     "$eq": _equal,
     "$ne": lambda stored, value: not _equal(stored, value),

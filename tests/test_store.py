@@ -15,6 +15,7 @@ from conftest import ChromaServer, free_port
 
 import store
 from catalog import Catalog, _settled
+from columns import FieldColumn, read_column
 from config import Settings
 from errors import StoreError
 from filters import parse_filter
@@ -459,18 +460,16 @@ def test_a_cached_filter_mask_follows_every_write_even_one_made_while_it_is_comp
     group_one = parse_filter("group = 1")
     with open_store(embedded) as opened:
         opened.write(ids[:60], vectors[:60], metadatas[:60])
-        read_all = Catalog._all_records
 
-        def write_midway(catalog: Catalog):
-            for number, record in enumerate(read_all(catalog)):
-                if number == 10 and "midway" not in opened:
-                    opened.write(["midway"], vectors[:1], [{"path": "m.jpg", "group": 1}])
-                    opened.update_metadata(ids[:2], [{"path": "u.jpg", "group": 1}] * 2)
-                    opened.delete(ids[3:5])
-                yield record
+        def write_after_reading(*arguments: Any) -> FieldColumn:
+            column = read_column(*arguments)
+            opened.write(["midway"], vectors[:1], [{"path": "m.jpg", "group": 1}])
+            opened.update_metadata(ids[:2], [{"path": "u.jpg", "group": 1}] * 2)
+            opened.delete(ids[3:5])
+            return column
 
         with monkeypatch.context() as patch:
-            patch.setattr(Catalog, "_all_records", write_midway)
+            patch.setattr("catalog.read_column", write_after_reading)
             mask = opened.mask(group_one)
         assert "midway" in matching_ids(opened, 1)
         assert selected_ids(opened, mask) == matching_ids(opened, 1)
@@ -478,6 +477,28 @@ def test_a_cached_filter_mask_follows_every_write_even_one_made_while_it_is_comp
         opened.update_metadata(ids[5:8], [{"path": "v.jpg", "group": 1}] * 3)
         opened.delete(ids[9:30])
         assert selected_ids(opened, opened.mask(group_one)) == matching_ids(opened, 1)
+        one_again = parse_filter("group in 1|5")  # another filter, on the column read and kept up to date
+        assert selected_ids(opened, opened.mask(one_again)) == matching_ids(opened, 1)
+
+
+def refuse_to_read(*arguments: Any) -> None:
+    raise AssertionError("a field already read was read again")
+
+
+def test_a_new_filter_on_a_field_read_before_reads_no_records_and_sees_every_write(embedded, monkeypatch):
+    ids, vectors, metadatas = records("img", 90, seed=17)
+    with open_store(embedded) as opened:
+        opened.write(ids[:50], vectors[:50], metadatas[:50])
+        assert selected_ids(opened, opened.mask(parse_filter("group = 1"))) == matching_ids(opened, 1)
+        monkeypatch.setattr("catalog.read_column", refuse_to_read)
+        opened.write(ids[50:], vectors[50:], metadatas[50:])
+        opened.update_metadata(ids[:4], [{"path": "u.jpg", "group": 2}] * 4)
+        opened.delete(ids[10:20])
+        for group in (0, 2):
+            mask = opened.mask(parse_filter(f"group = {group}"))
+            assert selected_ids(opened, mask) == matching_ids(opened, group)
+        with pytest.raises(AssertionError, match="read again"):
+            opened.mask(parse_filter("path prefix img-1"))
 
 
 def fail_if_scanned(*arguments: Any) -> None:

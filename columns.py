@@ -1,12 +1,13 @@
 """Metadata fields as columns, so that a new filter costs a read of its fields, not of every record.
 
-A filter's mask used to come from parsing every image's JSON metadata in Python (1M images: about
-7 s). A field is now read as a column instead: SQLite picks that one field out of every record in
-its own code, in one pass, and the column keeps each row's value as a code into the field's distinct
-values. A condition is then tested once per distinct value (an order comparison with a number: on all
-of them at once) and spread to the rows by their codes, so that every later filter on a field already
-read (a new date range, another folder) costs milliseconds. The catalog keeps the columns used
-lately, within a memory bound, and brings them up to date on each write (catalog.py).
+A filter's mask used to come from parsing every image's JSON metadata in Python (1M images: 10-11 s
+on 2 cores). A field is now read as a column instead: SQLite picks that one field out of every
+record in its own code, in one pass, and the column keeps each row's value as a code into the
+field's distinct values (1M images: about 4 s for the first filter on a field). A condition is then
+tested once per distinct value (an order comparison with a number: on all of them at once) and
+spread to the rows by their codes, so that every later filter on a field already read (a new date
+range, another folder) costs milliseconds. The catalog keeps the columns used lately, within a
+memory bound, and brings them up to date on each write (catalog.py).
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ class FieldColumn:
 
 @dataclass(frozen=True)
 class ColumnView:
+    """A column's codes as they were, and how many of its values they may refer to."""
+
     codes: np.ndarray
     values: list[Any]
     count: int

@@ -29,12 +29,13 @@ import threading
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
-from columns import FieldColumn, read_column
+from columns import ABSENT, FieldColumn, read_column
 from filters import Filter
 from keywords import KeywordIndex
 
@@ -424,10 +425,6 @@ class Catalog:
             found = dict(self._metadata_of([row for row in rows if row is not None]))
         return [None if row is None else found.get(row) for row in rows]
 
-    def values(self, ids: list[str], key: str) -> list[Any]:
-        """The metadata field `key` of each image (None where absent or removed meanwhile)."""
-        return [None if metadata is None else metadata.get(key) for metadata in self.metadatas(ids)]
-
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         return [(image_id, metadata) for _, image_id, metadata in self._all_records()]
 
@@ -462,24 +459,55 @@ class Catalog:
             if cached:
                 self._masks.move_to_end(image_filter.key)
                 return cached[1]
-            watcher: set[int] = set()
-            self._watchers.append(watcher)
+            watcher = self._watch()
             size = len(self._ids)
             mask = self._alive.copy()
             views = {
                 name: self._columns[name].view(size) for name in image_filter.fields & self._columns.keys()
             }
-        try:
+        with self._unwatched_on_error(watcher):
             read = {name: self._read_column(name, size) for name in image_filter.fields - views.keys()}
             views.update((name, column.view(size)) for name, column in read.items())
             for condition in image_filter.conditions:
                 mask &= views[condition.field].matching(condition)
-        finally:
-            with self._lock:
-                self._watchers.remove(watcher)
         with self._lock:
+            self._watchers.remove(watcher)
             self._cache_columns(read, watcher)
             return self._cache_mask(image_filter, mask, watcher)
+
+    def numbers(self, ids: list[str], name: str) -> np.ndarray:
+        """The field `name` of each image as the float equal to it; NaN where it holds no number or
+        the image was removed meanwhile. A field no recent filter read is read first, as in `mask`."""
+        with self._lock:
+            column = self._columns.get(name)
+            if column is None:
+                watcher = self._watch()
+                size = len(self._ids)
+        if column is None:
+            with self._unwatched_on_error(watcher):
+                read = self._read_column(name, size)
+        with self._lock:
+            if column is None:
+                self._watchers.remove(watcher)
+                self._cache_columns({name: read}, watcher)
+                column = read
+            rows = np.array([self._rows.get(image_id, ABSENT) for image_id in ids], dtype=np.int64)
+            return column.view(len(self._ids)).numbers_at(rows)
+
+    def _watch(self) -> set[int]:
+        """A set that collects the rows written from now on, until removed from `_watchers`."""
+        watcher: set[int] = set()
+        self._watchers.append(watcher)
+        return watcher
+
+    @contextmanager
+    def _unwatched_on_error(self, watcher: set[int]) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._watchers.remove(watcher)
+            raise
 
     def _read_column(self, name: str, size: int) -> FieldColumn:
         reader = sqlite3.connect(self.folder / DATABASE_FILE)

@@ -75,6 +75,13 @@ def exact_floats(values: list[Any]) -> np.ndarray | None:
     return np.array([np.nan if number is None else number for number in numbers], dtype=np.float64)
 
 
+def nearest_float(value: Any) -> float:
+    exact = exact_float(value)
+    if exact is None and type(value) is int:
+        return float(value)
+    return np.nan if exact is None else exact
+
+
 class FieldColumn:
     """One field of every row: a code per row into the values written (ABSENT: no value). Values are
     only appended, and the arrays replaced rather than shrunk, so a `view` stays valid while writes go
@@ -165,6 +172,15 @@ class ColumnView:
     values: list[Any]
     count: int
     numbers: np.ndarray | None
+
+    def numbers_at(self, rows: np.ndarray) -> np.ndarray:
+        """The values of the rows (ABSENT: none) as floats (the nearest one for an integer too large to
+        be one exactly), NaN where not numbers."""
+        numbers = self.numbers
+        if numbers is None:
+            numbers = np.array([nearest_float(value) for value in itertools.islice(self.values, self.count)])
+        table = np.append(numbers, np.nan)
+        return table[np.where(rows == ABSENT, ABSENT, self.codes[rows])]
 
     def matching(self, condition: Condition) -> np.ndarray:
         """Which rows meet the condition (a row without a value: as an image without the field)."""

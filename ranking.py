@@ -239,13 +239,11 @@ class Ranker:
     def _ranked_by_date(self, need: int) -> list[_Candidate]:
         """Every match (filter, keyword match, min_score and cutoff applied) by date taken, undated last."""
         matching = self._refine(self._all_candidates(), collapse=False)
-        taken = self.catalog.values([candidate.id for candidate in matching], "taken")
+        taken = self.catalog.numbers([candidate.id for candidate in matching], "taken")
         sign = -1.0 if self.query.sort.startswith("-") else 1.0
-        order = sorted(
-            range(len(matching)),
-            key=lambda i: (0, sign * taken[i]) if isinstance(taken[i], (int, float)) else (1, 0.0),
-        )
-        ordered = [matching[i] for i in order]
+        undated = np.isnan(taken)
+        order = np.lexsort((np.arange(len(matching)), np.where(undated, 0.0, sign * taken), undated))
+        ordered = [matching[i] for i in order.tolist()]
         if not self.query.collapse_duplicates:
             return ordered
         return self._collapse(ordered, need, self.query.offset)

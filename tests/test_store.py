@@ -578,3 +578,25 @@ def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_
     assert reopened.wait_for_codes() == bool(codes_from)
     check(reopened)
     reopened.close()
+
+
+def test_a_fields_numbers_are_read_once_and_follow_every_write(embedded, monkeypatch):
+    ids, vectors, metadatas = records("img", 40, seed=19)
+    dated = [
+        {**metadata, "taken": 1000.0 + i if i % 4 else "unknown"} for i, metadata in enumerate(metadatas)
+    ]
+    with open_store(embedded) as opened:
+        opened.write(ids, vectors, dated)
+
+        def expected() -> list[float]:
+            taken = {image_id: metadata.get("taken") for image_id, metadata in opened.items()}
+            return [taken[i] if isinstance(taken.get(i), float) else np.nan for i in [*ids, "missing"]]
+
+        numbers = opened.view().catalog.numbers([*ids, "missing"], "taken")
+        np.testing.assert_array_equal(numbers, expected())
+        monkeypatch.setattr("catalog.read_column", refuse_to_read)
+        opened.update_metadata(ids[:3], [{"path": "u.jpg", "taken": 5.0}, {"path": "v.jpg"}, {"taken": True}])
+        opened.delete(ids[5:7])
+        opened.write(["new"], vectors[:1], [{"path": "n.jpg", "taken": 7.5}])
+        np.testing.assert_array_equal(opened.view().catalog.numbers([*ids, "missing"], "taken"), expected())
+        assert opened.view().catalog.numbers(["new"], "taken").tolist() == [7.5]

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from columns import ABSENT, FieldColumn, read_column
+from columns import ABSENT, ColumnView, FieldColumn, read_column
 from filters import Filter
 from keywords import KeywordIndex
 
@@ -462,9 +462,10 @@ class Catalog:
             watcher = self._watch()
             size = len(self._ids)
             mask = self._alive.copy()
-            views = {
-                name: self._columns[name].view(size) for name in image_filter.fields & self._columns.keys()
-            }
+            views: dict[str, ColumnView] = {}
+            for name in image_filter.fields & self._columns.keys():
+                self._columns.move_to_end(name)
+                views[name] = self._columns[name].view(size)
         with self._unwatched_on_error(watcher):
             read = {name: self._read_column(name, size) for name in image_filter.fields - views.keys()}
             views.update((name, column.view(size)) for name, column in read.items())
@@ -479,20 +480,21 @@ class Catalog:
         """The field `name` of each image as the float equal to it; NaN where it holds no number or
         the image was removed meanwhile. A field no recent filter read is read first, as in `mask`."""
         with self._lock:
-            column = self._columns.get(name)
-            if column is None:
-                watcher = self._watch()
-                size = len(self._ids)
-        if column is None:
-            with self._unwatched_on_error(watcher):
-                read = self._read_column(name, size)
+            if name in self._columns:
+                self._columns.move_to_end(name)
+                return self._numbers_in(self._columns[name], ids)
+            watcher = self._watch()
+            size = len(self._ids)
+        with self._unwatched_on_error(watcher):
+            read = self._read_column(name, size)
         with self._lock:
-            if column is None:
-                self._watchers.remove(watcher)
-                self._cache_columns({name: read}, watcher)
-                column = read
-            rows = np.array([self._rows.get(image_id, ABSENT) for image_id in ids], dtype=np.int64)
-            return column.view(len(self._ids)).numbers_at(rows)
+            self._watchers.remove(watcher)
+            self._cache_columns({name: read}, watcher)
+            return self._numbers_in(read, ids)
+
+    def _numbers_in(self, column: FieldColumn, ids: list[str]) -> np.ndarray:
+        rows = np.array([self._rows.get(image_id, ABSENT) for image_id in ids], dtype=np.int64)
+        return column.view(len(self._ids)).numbers_at(rows)
 
     def _watch(self) -> set[int]:
         """A set that collects the rows written from now on, until removed from `_watchers`."""

@@ -412,9 +412,9 @@ class Catalog:
         """The vectors of the images; with `missing_ok`, a zero vector for an id removed meanwhile."""
         with self._lock:
             if not missing_ok:
-                return np.array(self._vectors[[self._rows[image_id] for image_id in ids]])
+                return np.asarray(self._vectors)[[self._rows[image_id] for image_id in ids]]
             rows = [self._rows.get(image_id, -1) for image_id in ids]
-            vectors = np.array(self._vectors[rows]) if rows else np.zeros((0, self.dim), dtype=np.float32)
+            vectors = np.asarray(self._vectors)[rows] if rows else np.zeros((0, self.dim), dtype=np.float32)
             vectors[[i for i, row in enumerate(rows) if row < 0]] = 0.0
             return vectors
 

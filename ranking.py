@@ -108,7 +108,7 @@ class SearchResult:
         return [hit.as_dict(with_why=self.mode != "vector") for hit in self.hits]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Candidate:
     id: str
     score: float

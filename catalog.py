@@ -357,9 +357,7 @@ class Catalog:
             for row, metadata in changed.items():
                 mask[row] = metadata is not None and image_filter.matches(metadata)
         for name, column in self._columns.items():
-            column.write(
-                {row: None if metadata is None else metadata.get(name) for row, metadata in changed.items()}
-            )
+            column.write(field_values(changed, name))
 
     def _forget_fields(self, rows: list[int]) -> None:
         for _, metadata in self._metadata_of(rows):
@@ -473,8 +471,9 @@ class Catalog:
                 mask &= views[condition.field].matching(condition)
         with self._lock:
             self._watchers.remove(watcher)
-            self._cache_columns(read, watcher)
-            return self._cache_mask(image_filter, mask, watcher)
+            written = self._written(watcher)
+            self._cache_columns(read, written)
+            return self._cache_mask(image_filter, mask, written)
 
     def numbers(self, ids: list[str], name: str) -> np.ndarray:
         """The field `name` of each image as the float equal to it; NaN where it holds no number or
@@ -489,7 +488,7 @@ class Catalog:
             read = self._read_column(name, size)
         with self._lock:
             self._watchers.remove(watcher)
-            self._cache_columns({name: read}, watcher)
+            self._cache_columns({name: read}, self._written(watcher))
             return self._numbers_in(read, ids)
 
     def _numbers_in(self, column: FieldColumn, ids: list[str]) -> np.ndarray:
@@ -521,13 +520,15 @@ class Catalog:
     def _rows_and_metadata(self) -> Iterator[tuple[int, dict[str, Any]]]:
         return ((row, metadata) for row, _, metadata in self._all_records())
 
-    def _cache_columns(self, read: dict[str, FieldColumn], written: set[int]) -> None:
+    def _written(self, rows: set[int]) -> dict[int, dict[str, Any] | None]:
+        """The metadata of the rows a watcher saw written (None: removed), as `_touch` gets them."""
+        metadatas = dict(self._metadata_of(sorted(rows)))
+        return {row: metadatas.get(row) for row in rows}
+
+    def _cache_columns(self, read: dict[str, FieldColumn], written: dict[int, dict[str, Any] | None]) -> None:
         """Cache columns read outside the lock, after writing to them the rows written meanwhile."""
-        if not read:
-            return
-        metadatas = dict(self._metadata_of(sorted(written)))
         for name, column in read.items():
-            column.write({row: metadatas.get(row, {}).get(name) for row in written})
+            column.write(field_values(written, name))
             self._columns[name] = column
             self._columns.move_to_end(name)
         while (
@@ -536,13 +537,14 @@ class Catalog:
         ):
             self._columns.popitem(last=False)
 
-    def _cache_mask(self, image_filter: Filter, mask: np.ndarray, written: set[int]) -> np.ndarray:
+    def _cache_mask(
+        self, image_filter: Filter, mask: np.ndarray, written: dict[int, dict[str, Any] | None]
+    ) -> np.ndarray:
         """Cache a mask computed outside the lock, after redoing the rows written meanwhile."""
         if len(mask) < len(self._ids):
             mask = np.concatenate([mask, np.zeros(len(self._ids) - len(mask), dtype=bool)])
-        for row, metadata in self._metadata_of(sorted(written)):
-            mask[row] = image_filter.matches(metadata)
-        mask[list(written)] &= self._alive[list(written)]
+        for row, metadata in written.items():
+            mask[row] = metadata is not None and image_filter.matches(metadata)
         self._masks[image_filter.key] = (image_filter, mask)
         while len(self._masks) > max(1, MASK_CACHE_BYTES // max(len(mask), 1)):
             self._masks.popitem(last=False)
@@ -660,6 +662,11 @@ def _settled(exact: np.ndarray, approximate: np.ndarray, next_approximate: float
         return False
     error = float(np.max(np.abs(exact[scored] - approximate[scored])))
     return float(np.partition(exact, -count)[-count]) > next_approximate + ERROR_MARGIN * error
+
+
+def field_values(changed: dict[int, dict[str, Any] | None], name: str) -> dict[int, Any]:
+    """The field `name` of each row's metadata (None where absent or the row was removed)."""
+    return {row: None if metadata is None else metadata.get(name) for row, metadata in changed.items()}
 
 
 def _physical_memory() -> float:

@@ -89,6 +89,9 @@ class FieldColumn:
 
     def __init__(self, codes: np.ndarray, values: list[Any]) -> None:
         self.codes = codes
+        self._set_values(values)
+
+    def _set_values(self, values: list[Any]) -> None:
         self.values = values
         self._numbers = np.full(max(len(values), 16), np.nan)
         self._exact = True
@@ -150,10 +153,7 @@ class FieldColumn:
         renumbered = np.full(len(self.values) + 1, ABSENT, dtype=np.int32)
         renumbered[used] = np.arange(len(used), dtype=np.int32)
         self.codes = renumbered[self.codes]
-        self.values = [self.values[position] for position in used.tolist()]
-        self._numbers = np.full(max(len(self.values), 16), np.nan)
-        self._exact = True
-        self._add_numbers(0)
+        self._set_values([self.values[position] for position in used.tolist()])
 
     def view(self, size: int) -> ColumnView:
         """The column as it is now, for `size` rows, unchanged by later writes."""

@@ -475,13 +475,18 @@ class Catalog:
             self._cache_columns(read, written)
             return self._cache_mask(image_filter, mask, written)
 
-    def numbers(self, ids: list[str], name: str) -> np.ndarray:
-        """The field `name` of each image as the float equal to it; NaN where it holds no number or
-        the image was removed meanwhile. A field no recent filter read is read first, as in `mask`."""
+    def rows_of(self, ids: list[str]) -> np.ndarray:
+        """The row of each image; ABSENT where it was removed meanwhile."""
+        with self._lock:
+            return np.array([self._rows.get(image_id, ABSENT) for image_id in ids], dtype=np.int64)
+
+    def numbers(self, rows: np.ndarray, name: str) -> np.ndarray:
+        """The field `name` of the image in each row as the float equal to it; NaN where it holds no
+        number or the row is ABSENT or free. A field no recent filter read is read first, as in `mask`."""
         with self._lock:
             if name in self._columns:
                 self._columns.move_to_end(name)
-                return self._numbers_in(self._columns[name], ids)
+                return self._columns[name].view(len(self._ids)).numbers_at(rows)
             watcher = self._watch()
             size = len(self._ids)
         with self._unwatched_on_error(watcher):
@@ -489,11 +494,7 @@ class Catalog:
         with self._lock:
             self._watchers.remove(watcher)
             self._cache_columns({name: read}, self._written(watcher))
-            return self._numbers_in(read, ids)
-
-    def _numbers_in(self, column: FieldColumn, ids: list[str]) -> np.ndarray:
-        rows = np.array([self._rows.get(image_id, ABSENT) for image_id in ids], dtype=np.int64)
-        return column.view(len(self._ids)).numbers_at(rows)
+            return read.view(len(self._ids)).numbers_at(rows)
 
     def _watch(self) -> set[int]:
         """A set that collects the rows written from now on, until removed from `_watchers`."""
@@ -590,6 +591,44 @@ class Catalog:
         with self._lock:
             still = self._still_selected(found.rows, mask, exclude)
             return self._ranked_in_stages(found.rows[still], found.approximate[still], query, count)
+
+    def ranked_rows(
+        self, query: np.ndarray, mask: np.ndarray | None, exclude: frozenset[str] = frozenset()
+    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Every live image of `mask` (None: all) not in `exclude`, best first by exact cosine, ties in
+        row order: their ids, rows and cosines, as arrays rather than one Python object each."""
+        with self._lock:
+            selected = self._alive if mask is None else mask[: len(self._ids)] & self._alive[: len(mask)]
+            rows = np.flatnonzero(selected)
+            rows = rows[self._still_selected(rows, mask, exclude)]
+            scores = self._exact_scores(rows, query)
+            order = np.lexsort((rows, -scores))
+            rows, scores = rows[order], scores[order]
+            ids = [self._ids[row] for row in rows.tolist()]
+        return ids, rows, scores
+
+    def twins(self, rows: np.ndarray, of: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Which of `rows` hold an image whose cosine with one of the vectors `of` is at least
+        `threshold`: their indices in `rows`, in order, and for each the index of the first such vector.
+        ABSENT and free rows hold none. One pass over the rows' float32 vectors, in blocks."""
+        import torch  # loaded with the mirror (scan_copy); torch's product runs on every core
+
+        against = torch.from_numpy(np.ascontiguousarray(of.T, dtype=np.float32))
+        found, first = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+        block = max(1, 8 * GATHER_BYTES // (self.dim * 4))
+        with self._lock:
+            for start in range(0, len(rows), block):
+                chunk = rows[start : start + block]
+                live = (chunk >= 0) & (chunk < len(self._alive))
+                live[live] = self._alive[chunk[live]]
+                near = (
+                    torch.from_numpy(self._vectors[np.where(live, chunk, 0)]) @ against
+                ).numpy() >= threshold
+                near[~live] = False
+                hits = np.flatnonzero(near.any(axis=1))
+                found.append(hits + start)
+                first.append(np.argmax(near[hits], axis=1))
+        return np.concatenate(found), np.concatenate(first)
 
     def _still_selected(
         self, rows: np.ndarray, mask: np.ndarray | None, exclude: frozenset[str]

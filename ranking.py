@@ -8,7 +8,7 @@ filtered queries and exact cosine over the mirror for narrow ones.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,8 +212,9 @@ class Ranker:
         need = query.offset + top_k
         if query.sort == "relevance":
             ranked, exhausted = self._ranked_by_relevance(need)
+            count = len(ranked)
         else:
-            ranked = self._ranked_by_date(need)
+            ranked, count = self._ranked_by_date(need)
             exhausted = not query.collapse_duplicates  # else only the first pages are collapsed
         page = [candidate for candidate in ranked[query.offset : need] if candidate.id in self.catalog]
         metadatas = self.catalog.metadatas([candidate.id for candidate in page])
@@ -222,8 +223,8 @@ class Ranker:
             for i, (candidate, metadata) in enumerate(zip(page, metadatas, strict=True))
         ]
         filtered_total = int(np.count_nonzero(self.mask)) if self.mask is not None else None
-        total, exact = self._total(ranked, exhausted, filtered_total)
-        return SearchResult(hits, query.mode, len(ranked) > need, filtered_total, note, total, exact)
+        total, exact = self._total(count, exhausted, filtered_total)
+        return SearchResult(hits, query.mode, count > need, filtered_total, note, total, exact)
 
     def _ranked_by_relevance(self, need: int) -> tuple[list[_Candidate], bool]:
         """The best matches (at least `need` + 1 when there are that many), and whether that is all."""
@@ -236,42 +237,54 @@ class Ranker:
                 return ranked, exhausted and (fold_all or not self.query.collapse_duplicates)
             fetch *= 4
 
-    def _ranked_by_date(self, need: int) -> list[_Candidate]:
-        """Every match (filter, keyword match, min_score and cutoff applied) by date taken, undated last."""
-        matching = self._refine(self._all_candidates(), collapse=False)
-        taken = self.catalog.numbers([candidate.id for candidate in matching], "taken")
+    def _ranked_by_date(self, need: int) -> tuple[list[_Candidate], int]:
+        """The first `need` + 1 of every match (filter, keyword match, min_score and cutoff applied) by
+        date taken, undated last, relevance breaking ties; and how many there are (with duplicates
+        collapsed: how many were kept, at most `need` + 1)."""
+        matching = self._all_matches()
+        taken = self.catalog.numbers(matching.rows, "taken")
         sign = -1.0 if self.query.sort.startswith("-") else 1.0
         undated = np.isnan(taken)
         order = np.lexsort((np.arange(len(matching)), np.where(undated, 0.0, sign * taken), undated))
-        ordered = [matching[i] for i in order.tolist()]
+        by_date = matching.reordered(order)
         if not self.query.collapse_duplicates:
-            return ordered
-        return self._collapse(ordered, need, self.query.offset)
+            return [by_date.candidate(i) for i in range(min(need + 1, len(by_date)))], len(by_date)
+        kept = self._collapse(by_date, need, self.query.offset)
+        return kept, len(kept)
 
-    def _all_candidates(self) -> list[_Candidate]:
-        """Every candidate of the mode, best first, by exact cosine (no graph query of the whole index)."""
+    def _all_matches(self) -> _Matches:
+        """Every match of the mode, best first, by exact cosine (no graph query of the whole index),
+        with the relevance cuts applied."""
         mode = self.query.mode
-        keyword = self._keyword_candidates() if mode != "vector" else []
-        if mode == "keyword":
-            return keyword
-        rows = self.mask if self.mask is not None else self.catalog.mask(None)
-        scored = self.catalog.exact_top(self.vector, rows, max(len(self.catalog), 1), self.exclude)
-        ranked = [
-            _Candidate(image_id, score, vector_rank=rank) for rank, (image_id, score) in enumerate(scored, 1)
-        ]
-        return ranked if mode == "vector" else _fuse(ranked, keyword, self.settings.HYBRID_RRF_K)
+        if mode == "vector":
+            ids, rows, scores = self.catalog.ranked_rows(self.vector, self.mask, self.exclude)
+            keep = self._kept_by_score(scores)
+            if not keep.all():
+                kept = np.flatnonzero(keep)
+                ids, rows, scores = [ids[i] for i in kept.tolist()], rows[kept], scores[kept]
+            return _Matches.of_scores(ids, rows, scores)
+        candidates = self._keyword_candidates()
+        if mode == "hybrid":
+            ids, _, scores = self.catalog.ranked_rows(self.vector, self.mask, self.exclude)
+            by_vector = [
+                _Candidate(image_id, score, vector_rank=rank)
+                for rank, (image_id, score) in enumerate(zip(ids, scores.tolist(), strict=True), 1)
+            ]
+            candidates = _fuse(by_vector, candidates, self.settings.HYBRID_RRF_K)
+        matching = self._refine(candidates, collapse=False)
+        return _Matches.of_candidates(
+            matching, self.catalog.rows_of([candidate.id for candidate in matching])
+        )
 
-    def _total(
-        self, ranked: list[_Candidate], exhausted: bool, filtered_total: int | None
-    ) -> tuple[int | None, bool]:
-        """How many results the query has in all: exact when every candidate was ranked, else an
-        estimate where the vector ranking keeps every selected image (no score cut), else unknown."""
+    def _total(self, count: int, exhausted: bool, filtered_total: int | None) -> tuple[int | None, bool]:
+        """How many results the query has in all: exact when every candidate (`count`) was ranked, else
+        an estimate where the vector ranking keeps every selected image (no score cut), else unknown."""
         query = self.query
         if exhausted:
-            return len(ranked), True
+            return count, True
         if query.mode == "vector" and query.min_score is None and query.cutoff != "adaptive":
             selected = len(self.catalog) if filtered_total is None else filtered_total
-            return max(len(ranked), selected - len(self.exclude)), False
+            return max(count, selected - len(self.exclude)), False
         return None, False
 
     def _candidate_pool(self) -> int:
@@ -349,60 +362,60 @@ class Ranker:
     ) -> list[_Candidate]:
         """Relevance cuts and near-duplicate collapse, applied in rank order (so pages stay stable)."""
         query = self.query
-        if query.min_score is not None:
-            candidates = [candidate for candidate in candidates if candidate.score >= query.min_score]
-        if query.cutoff == "adaptive" and candidates:
-            threshold = adaptive_threshold([candidate.score for candidate in candidates], self.settings)
-            candidates = [candidate for candidate in candidates if candidate.score >= threshold]
+        if query.min_score is not None or query.cutoff == "adaptive":
+            keep = self._kept_by_score(np.array([candidate.score for candidate in candidates]))
+            candidates = [candidates[i] for i in np.flatnonzero(keep).tolist()]
         if collapse and query.collapse_duplicates and len(candidates) > 1:
-            candidates = self._collapse(candidates, need, query.offset)
+            matches = _Matches.of_candidates(candidates, self.catalog.rows_of([c.id for c in candidates]))
+            candidates = self._collapse(matches, need, query.offset)
         return candidates
 
-    def _collapse(
-        self, candidates: list[_Candidate], need: int | None = None, offset: int = 0
-    ) -> list[_Candidate]:
+    def _kept_by_score(self, scores: np.ndarray) -> np.ndarray:
+        """Which of these scores (in rank order) pass min_score, then the adaptive cutoff."""
+        query = self.query
+        scores = scores.astype(np.float64)  # compared as the candidates' Python floats are
+        keep = np.ones(len(scores), dtype=bool)
+        if query.min_score is not None:
+            keep &= scores >= query.min_score
+        if query.cutoff == "adaptive" and keep.any():
+            keep &= scores >= adaptive_threshold(scores[keep].tolist(), self.settings)
+        return keep
+
+    def _collapse(self, matches: _Matches, need: int | None = None, offset: int = 0) -> list[_Candidate]:
         """Near-duplicates folded into the best of them, in rank order (so pages stay stable).
 
-        A candidate is kept unless it lies within DUPLICATE_THRESHOLD of a hit kept before it. Candidates
-        are compared block by block with the kept hits only, never all pairs: memory is O(block x kept).
-        Once `need` + 1 hits are kept (enough for the page and `has_more`), the remaining candidates are
-        only matched with the page's hits (from `offset`), to list them as those hits' duplicates.
+        A match is kept unless it lies within DUPLICATE_THRESHOLD of a hit kept before it. Matches are
+        compared block by block with the kept hits only, never all pairs: memory is O(block x kept).
+        Once `need` + 1 hits are kept (enough for the page and `has_more`), the remaining matches are
+        only matched with the page's hits (from `offset`), in one pass over their vectors
+        (`Catalog.twins`), to list them as those hits' duplicates.
         """
-        for candidate in candidates:
-            candidate.duplicates = []
-        limit = len(candidates) if need is None else need + 1
-        vectors = self.catalog.vectors([candidate.id for candidate in candidates], missing_ok=True)
-        kept = _KeptHits(vectors.shape[1], min(limit, len(candidates)), self.settings.DUPLICATE_THRESHOLD)
+        limit = len(matches) if need is None else need + 1
+        kept = _KeptHits(self.catalog.dim, min(limit, len(matches)), self.settings.DUPLICATE_THRESHOLD)
         position = 0
-        while position < len(candidates) and len(kept) < limit:
-            block = vectors[position : position + COLLAPSE_BLOCK]
+        while position < len(matches) and len(kept) < limit:
+            ids = matches.ids[position : position + COLLAPSE_BLOCK]
+            block = self.catalog.vectors(ids, missing_ok=True)
             for index, twin in kept.fold(block, limit - len(kept)):
                 if twin is None:
                     kept.rows.append(position + index)
                 else:
-                    candidates[kept.rows[twin]].duplicates.append(candidates[position + index].id)
+                    matches.candidate(kept.rows[twin]).duplicates.append(ids[index])
             position += min(len(block), kept.scanned)
-        page = kept.rows[offset : limit - 1] if need is not None else []
-        self._attach_duplicates(
-            candidates[position:], vectors[position:], [candidates[i] for i in page], vectors[page]
-        )
-        return [candidates[i] for i in kept.rows]
+        if need is not None and position < len(matches) and offset < len(kept) - 1:
+            page = [matches.candidate(i) for i in kept.rows[offset : limit - 1]]
+            self._attach_duplicates(matches, position, page, kept.vectors[offset : limit - 1])
+        return [matches.candidate(i) for i in kept.rows]
 
     def _attach_duplicates(
-        self,
-        rest: list[_Candidate],
-        rest_vectors: np.ndarray,
-        page: list[_Candidate],
-        page_vectors: np.ndarray,
+        self, matches: _Matches, start: int, page: list[_Candidate], page_vectors: np.ndarray
     ) -> None:
-        """List each remaining candidate under the first page hit it nearly duplicates."""
-        if not rest or not page:
-            return
-        threshold = self.settings.DUPLICATE_THRESHOLD
-        for start in range(0, len(rest), COLLAPSE_BLOCK):
-            twins = rest_vectors[start : start + COLLAPSE_BLOCK] @ page_vectors.T >= threshold
-            for index in np.flatnonzero(twins.any(axis=1)):
-                page[int(np.argmax(twins[index]))].duplicates.append(rest[start + index].id)
+        """List each match from `start` on under the first page hit it nearly duplicates."""
+        found, first = self.catalog.twins(
+            matches.rows[start:], page_vectors, self.settings.DUPLICATE_THRESHOLD
+        )
+        for index, hit in zip(found.tolist(), first.tolist(), strict=True):
+            page[hit].duplicates.append(matches.ids[start + index])
 
     def _hit(self, candidate: _Candidate, rank: int, metadata: dict[str, Any]) -> Hit:
         return Hit(
@@ -420,14 +433,51 @@ class Ranker:
         )
 
 
+class _Matches:
+    """Matches in one order, held as ids and mirror rows; a match's candidate is made when first asked
+    for, so that a query ordering a million images makes a page of objects, not a million."""
+
+    def __init__(self, ids: list[str], rows: np.ndarray, make: Callable[[int], _Candidate]) -> None:
+        self.ids = ids
+        self.rows = rows
+        self._make = make
+        self._made: dict[int, _Candidate] = {}
+
+    @classmethod
+    def of_candidates(cls, candidates: list[_Candidate], rows: np.ndarray) -> _Matches:
+        for candidate in candidates:
+            candidate.duplicates = []
+        return cls([candidate.id for candidate in candidates], rows, candidates.__getitem__)
+
+    @classmethod
+    def of_scores(cls, ids: list[str], rows: np.ndarray, scores: np.ndarray) -> _Matches:
+        """Matches best first by vector, with those scores."""
+        return cls(ids, rows, lambda i: _Candidate(ids[i], float(scores[i]), vector_rank=i + 1))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def candidate(self, index: int) -> _Candidate:
+        made = self._made.get(index)
+        if made is None:
+            made = self._made[index] = self._make(index)
+        return made
+
+    def reordered(self, order: np.ndarray) -> _Matches:
+        """The same matches (the same candidates) in the order of these indices."""
+        return _Matches(
+            [self.ids[i] for i in order.tolist()], self.rows[order], lambda i: self.candidate(int(order[i]))
+        )
+
+
 class _KeptHits:
-    """The hits kept so far by duplicate folding: their candidate positions and vectors."""
+    """The hits kept so far by duplicate folding: their match positions and vectors."""
 
     def __init__(self, dim: int, capacity: int, threshold: float) -> None:
         self.rows: list[int] = []
         self.threshold = threshold
         self.scanned = 0
-        self._vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self.vectors = np.zeros((capacity, dim), dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -438,7 +488,7 @@ class _KeptHits:
         Stops after `room` new hits are kept; `scanned` says how many of the block were looked at.
         """
         before = len(self.rows)
-        against_kept = block @ self._vectors[:before].T >= self.threshold
+        against_kept = block @ self.vectors[:before].T >= self.threshold
         within = block @ block.T >= self.threshold
         new: list[int] = []
         outcome: list[tuple[int, int | None]] = []
@@ -452,7 +502,7 @@ class _KeptHits:
             elif inside:
                 outcome.append((index, before + inside[0]))
             else:
-                self._vectors[before + len(new)] = block[index]
+                self.vectors[before + len(new)] = block[index]
                 new.append(index)
                 outcome.append((index, None))
         self.scanned = len(outcome)

@@ -594,41 +594,53 @@ class Catalog:
 
     def ranked_rows(
         self, query: np.ndarray, mask: np.ndarray | None, exclude: frozenset[str] = frozenset()
-    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    ) -> tuple[list[str | None], np.ndarray, np.ndarray]:
         """Every live image of `mask` (None: all) not in `exclude`, best first by exact cosine, ties in
-        row order: their ids, rows and cosines, as arrays rather than one Python object each."""
+        row order, as arrays rather than one Python object each: the rows and their cosines, with the
+        id in each row as it was then (None: a free row)."""
         with self._lock:
             selected = self._alive if mask is None else mask[: len(self._ids)] & self._alive[: len(mask)]
             rows = np.flatnonzero(selected)
             rows = rows[self._still_selected(rows, mask, exclude)]
             scores = self._exact_scores(rows, query)
-            order = np.lexsort((rows, -scores))
-            rows, scores = rows[order], scores[order]
-            ids = [self._ids[row] for row in rows.tolist()]
-        return ids, rows, scores
+            ids_by_row = self._ids.copy()
+        order = np.lexsort((rows, -scores))
+        return ids_by_row, rows[order], scores[order]
 
     def twins(self, rows: np.ndarray, of: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """Which of `rows` hold an image whose cosine with one of the vectors `of` is at least
         `threshold`: their indices in `rows`, in order, and for each the index of the first such vector.
-        ABSENT and free rows hold none. One pass over the rows' float32 vectors, in blocks."""
-        import torch  # loaded with the mirror (scan_copy); torch's product runs on every core
+        ABSENT and free rows hold none. One pass over the rows' float32 vectors in row order, in blocks."""
+        import torch  # loaded with the mirror (scan_copy); its product runs on every core
 
         against = torch.from_numpy(np.ascontiguousarray(of.T, dtype=np.float32))
         found, first = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-        block = max(1, 8 * GATHER_BYTES // (self.dim * 4))
         with self._lock:
-            for start in range(0, len(rows), block):
-                chunk = rows[start : start + block]
-                live = (chunk >= 0) & (chunk < len(self._alive))
-                live[live] = self._alive[chunk[live]]
-                near = (
-                    torch.from_numpy(self._vectors[np.where(live, chunk, 0)]) @ against
-                ).numpy() >= threshold
-                near[~live] = False
+            inside = (rows >= 0) & (rows < len(self._alive))
+            inside[inside] = self._alive[rows[inside]]
+            live = np.flatnonzero(inside)
+            live = live[np.argsort(rows[live], kind="stable")]
+            for start in range(0, len(live), self._gather_rows):
+                indices = live[start : start + self._gather_rows]
+                near = (torch.from_numpy(self._vectors_of(rows[indices])) @ against).numpy() >= threshold
                 hits = np.flatnonzero(near.any(axis=1))
-                found.append(hits + start)
+                found.append(indices[hits])
                 first.append(np.argmax(near[hits], axis=1))
-        return np.concatenate(found), np.concatenate(first)
+        found_at, first_of = np.concatenate(found), np.concatenate(first)
+        order = np.argsort(found_at)
+        return found_at[order], first_of[order]
+
+    @property
+    def _gather_rows(self) -> int:
+        """Rows whose float32 vectors take `GATHER_BYTES`."""
+        return max(1, GATHER_BYTES // (self.dim * 4))
+
+    def _vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        """The float32 vectors of these rows: a view where they follow each other, as in a pass over
+        most of the library, else a copy."""
+        if rows.size and rows[-1] - rows[0] + 1 == rows.size and bool(np.all(np.diff(rows) == 1)):
+            return self._vectors[rows[0] : rows[-1] + 1]
+        return self._vectors[rows]
 
     def _still_selected(
         self, rows: np.ndarray, mask: np.ndarray | None, exclude: frozenset[str]
@@ -653,9 +665,9 @@ class Catalog:
         """The cosine of each of `rows` with `query`, from their float32 vectors, gathered in blocks of
         `GATHER_BYTES`."""
         scores = np.empty(rows.size, dtype=np.float32)
-        block = max(1, GATHER_BYTES // (self.dim * 4))
+        block = self._gather_rows
         for start in range(0, rows.size, block):
-            scores[start : start + block] = self._vectors[rows[start : start + block]] @ query
+            scores[start : start + block] = self._vectors_of(rows[start : start + block]) @ query
         return scores
 
     def _ranked_in_stages(

@@ -257,18 +257,15 @@ class Ranker:
         with the relevance cuts applied."""
         mode = self.query.mode
         if mode == "vector":
-            ids, rows, scores = self.catalog.ranked_rows(self.vector, self.mask, self.exclude)
+            ids_by_row, rows, scores = self.catalog.ranked_rows(self.vector, self.mask, self.exclude)
             keep = self._kept_by_score(scores)
-            if not keep.all():
-                kept = np.flatnonzero(keep)
-                ids, rows, scores = [ids[i] for i in kept.tolist()], rows[kept], scores[kept]
-            return _Matches.of_scores(ids, rows, scores)
+            return _Matches.of_scores(ids_by_row, rows[keep], scores[keep])
         candidates = self._keyword_candidates()
         if mode == "hybrid":
-            ids, _, scores = self.catalog.ranked_rows(self.vector, self.mask, self.exclude)
+            ids_by_row, rows, scores = self.catalog.ranked_rows(self.vector, self.mask, self.exclude)
             by_vector = [
-                _Candidate(image_id, score, vector_rank=rank)
-                for rank, (image_id, score) in enumerate(zip(ids, scores.tolist(), strict=True), 1)
+                _Candidate(ids_by_row[row], score, vector_rank=rank)
+                for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True), 1)
             ]
             candidates = _fuse(by_vector, candidates, self.settings.HYBRID_RRF_K)
         matching = self._refine(candidates, collapse=False)
@@ -394,7 +391,7 @@ class Ranker:
         kept = _KeptHits(self.catalog.dim, min(limit, len(matches)), self.settings.DUPLICATE_THRESHOLD)
         position = 0
         while position < len(matches) and len(kept) < limit:
-            ids = matches.ids[position : position + COLLAPSE_BLOCK]
+            ids = matches.ids(position, position + COLLAPSE_BLOCK)
             block = self.catalog.vectors(ids, missing_ok=True)
             for index, twin in kept.fold(block, limit - len(kept)):
                 if twin is None:
@@ -415,7 +412,7 @@ class Ranker:
             matches.rows[start:], page_vectors, self.settings.DUPLICATE_THRESHOLD
         )
         for index, hit in zip(found.tolist(), first.tolist(), strict=True):
-            page[hit].duplicates.append(matches.ids[start + index])
+            page[hit].duplicates.append(matches.id(start + index))
 
     def _hit(self, candidate: _Candidate, rank: int, metadata: dict[str, Any]) -> Hit:
         return Hit(
@@ -434,12 +431,14 @@ class Ranker:
 
 
 class _Matches:
-    """Matches in one order, held as ids and mirror rows; a match's candidate is made when first asked
-    for, so that a query ordering a million images makes a page of objects, not a million."""
+    """Matches in one order, held as mirror rows; a match's id is looked up and its candidate made only
+    when asked for, so that a query ordering a million images makes a page of objects, not a million."""
 
-    def __init__(self, ids: list[str], rows: np.ndarray, make: Callable[[int], _Candidate]) -> None:
-        self.ids = ids
+    def __init__(
+        self, rows: np.ndarray, id_of: Callable[[int], str], make: Callable[[int], _Candidate]
+    ) -> None:
         self.rows = rows
+        self.id = id_of
         self._make = make
         self._made: dict[int, _Candidate] = {}
 
@@ -447,15 +446,22 @@ class _Matches:
     def of_candidates(cls, candidates: list[_Candidate], rows: np.ndarray) -> _Matches:
         for candidate in candidates:
             candidate.duplicates = []
-        return cls([candidate.id for candidate in candidates], rows, candidates.__getitem__)
+        return cls(rows, lambda i: candidates[i].id, candidates.__getitem__)
 
     @classmethod
-    def of_scores(cls, ids: list[str], rows: np.ndarray, scores: np.ndarray) -> _Matches:
-        """Matches best first by vector, with those scores."""
-        return cls(ids, rows, lambda i: _Candidate(ids[i], float(scores[i]), vector_rank=i + 1))
+    def of_scores(cls, ids_by_row: list[str], rows: np.ndarray, scores: np.ndarray) -> _Matches:
+        """Matches best first by vector, with those scores; `ids_by_row` names the image in each row."""
+
+        def id_of(index: int) -> str:
+            return ids_by_row[rows[index]]
+
+        return cls(rows, id_of, lambda i: _Candidate(id_of(i), float(scores[i]), vector_rank=i + 1))
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.rows)
+
+    def ids(self, start: int, stop: int) -> list[str]:
+        return [self.id(index) for index in range(start, min(stop, len(self)))]
 
     def candidate(self, index: int) -> _Candidate:
         made = self._made.get(index)
@@ -466,7 +472,7 @@ class _Matches:
     def reordered(self, order: np.ndarray) -> _Matches:
         """The same matches (the same candidates) in the order of these indices."""
         return _Matches(
-            [self.ids[i] for i in order.tolist()], self.rows[order], lambda i: self.candidate(int(order[i]))
+            self.rows[order], lambda i: self.id(int(order[i])), lambda i: self.candidate(int(order[i]))
         )
 
 

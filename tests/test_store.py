@@ -15,7 +15,7 @@ from conftest import ChromaServer, free_port
 
 import store
 from catalog import Catalog, _settled
-from columns import FieldColumn, read_column
+from columns import ABSENT, FieldColumn, read_column
 from config import Settings
 from errors import StoreError
 from filters import parse_filter
@@ -603,3 +603,43 @@ def test_a_fields_numbers_are_read_once_and_follow_every_write(embedded, monkeyp
         opened.write(["new"], vectors[:1], [{"path": "n.jpg", "taken": 7.5}])
         np.testing.assert_array_equal(numbers([*ids, "missing"]), expected())
         assert numbers(["new"]).tolist() == [7.5]
+
+
+def test_ranked_rows_and_twins_agree_with_numpy_over_any_rows(tmp_path):
+    dim, count = 16, 3000
+    rng = np.random.default_rng(23)
+    vectors = rng.normal(size=(count, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[100] = vectors[7]  # a twin of the page's first vector, elsewhere in row order
+    vectors[15] = vectors[30]  # another, removed below: its row is free
+    catalog = Catalog(tmp_path / "mirror", dim)
+    ids = [f"img-{i}" for i in range(count)]
+    catalog.put(ids, vectors, [{"n": i} for i in range(count)])
+    rows_of = catalog.rows_of(ids)
+    catalog.remove(ids[10:20])
+    query = rng.normal(size=dim).astype(np.float32)
+
+    ids_by_row, rows, scores = catalog.ranked_rows(query, None, frozenset(ids[:2]))
+    left = [i for i in range(2, count) if not 10 <= i < 20]
+    expected = sorted(left, key=lambda i: (-float(vectors[i] @ query), rows_of[i]))
+    assert [ids_by_row[row] for row in rows] == [ids[i] for i in expected]
+    np.testing.assert_allclose(scores, vectors[expected] @ query, atol=1e-5)
+
+    order = np.concatenate([np.arange(300, 0, -1), [-1], rng.permutation(np.arange(301, count))])
+    scrambled = np.where(order < 0, ABSENT, rows_of[np.maximum(order, 0)])
+    page = vectors[[7, 30]]
+    found, first = catalog.twins(scrambled, page, 0.97)
+    near = vectors[np.maximum(order, 0)] @ page.T >= 0.97
+    near[(order < 0) | ((order >= 10) & (order < 20))] = False  # ABSENT, and the rows freed
+    assert found.tolist() == np.flatnonzero(near.any(axis=1)).tolist()
+    assert first.tolist() == near[found].argmax(axis=1).tolist()
+    assert {int(order[i]) for i in found} == {7, 100, 30}
+
+    out_of_order = np.array([3, 5, 4, 6, 9, 8])  # consecutive rows, not in order: gathered, not viewed
+    by_row = {int(row): i for i, row in enumerate(rows_of)}
+    np.testing.assert_allclose(
+        catalog._exact_scores(out_of_order, query),
+        vectors[[by_row[row] for row in out_of_order]] @ query,
+        atol=1e-5,
+    )
+    catalog.close()

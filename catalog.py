@@ -611,9 +611,7 @@ class Catalog:
         """Which of `rows` hold an image whose cosine with one of the vectors `of` is at least
         `threshold`: their indices in `rows`, in order, and for each the index of the first such vector.
         ABSENT and free rows hold none. One pass over the rows' float32 vectors in row order, in blocks."""
-        import torch  # loaded with the mirror (scan_copy); its product runs on every core
-
-        against = torch.from_numpy(np.ascontiguousarray(of.T, dtype=np.float32))
+        against = np.ascontiguousarray(of.T, dtype=np.float32)
         found, first = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
         with self._lock:
             inside = (rows >= 0) & (rows < len(self._alive))
@@ -622,7 +620,7 @@ class Catalog:
             live = live[np.argsort(rows[live], kind="stable")]
             for start in range(0, len(live), self._gather_rows):
                 indices = live[start : start + self._gather_rows]
-                near = (torch.from_numpy(self._vectors_of(rows[indices])) @ against).numpy() >= threshold
+                near = self._vectors_of(rows[indices]) @ against >= threshold
                 hits = np.flatnonzero(near.any(axis=1))
                 found.append(indices[hits])
                 first.append(np.argmax(near[hits], axis=1))

@@ -464,8 +464,9 @@ class Catalog:
             for name in image_filter.fields & self._columns.keys():
                 self._columns.move_to_end(name)
                 views[name] = self._columns[name].view(size)
+            held = {name: self._field_counts[name] > 0 for name in image_filter.fields - views.keys()}
         with self._unwatched_on_error(watcher):
-            read = {name: self._read_column(name, size) for name in image_filter.fields - views.keys()}
+            read = {name: self._read_column(name, size, anyone) for name, anyone in held.items()}
             views.update((name, column.view(size)) for name, column in read.items())
             for condition in image_filter.conditions:
                 mask &= views[condition.field].matching(condition)
@@ -489,8 +490,9 @@ class Catalog:
                 return self._columns[name].view(len(self._ids)).numbers_at(rows)
             watcher = self._watch()
             size = len(self._ids)
+            held = self._field_counts[name] > 0
         with self._unwatched_on_error(watcher):
-            read = self._read_column(name, size)
+            read = self._read_column(name, size, held)
         with self._lock:
             self._watchers.remove(watcher)
             self._cache_columns({name: read}, self._written(watcher))
@@ -511,7 +513,11 @@ class Catalog:
                 self._watchers.remove(watcher)
             raise
 
-    def _read_column(self, name: str, size: int) -> FieldColumn:
+    def _read_column(self, name: str, size: int, held: bool) -> FieldColumn:
+        """The field `name` of rows below `size`; none are read where no image `held` the field when the
+        read began (the rows written since reach the column through the watcher)."""
+        if not held:
+            return FieldColumn.without_values(size)
         reader = sqlite3.connect(self.folder / DATABASE_FILE)
         try:
             return read_column(reader, name, size, self._rows_and_metadata)

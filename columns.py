@@ -98,6 +98,10 @@ class FieldColumn:
         self._add_numbers(0)
 
     @classmethod
+    def without_values(cls, size: int) -> FieldColumn:
+        return cls(np.full(size, ABSENT, dtype=np.int32), [])
+
+    @classmethod
     def from_texts(
         cls, size: int, found: list[tuple[int, str]], decode: Callable[[Iterable[str]], list[Any]]
     ) -> FieldColumn:

@@ -501,6 +501,24 @@ def test_a_new_filter_on_a_field_read_before_reads_no_records_and_sees_every_wri
             opened.mask(parse_filter("path prefix img-1"))
 
 
+def test_a_field_no_image_has_is_not_read_and_then_follows_the_writes(embedded, monkeypatch):
+    ids, vectors, metadatas = records("img", 30, seed=29)
+    with open_store(embedded) as opened:
+        opened.write(ids, vectors, metadatas)
+        monkeypatch.setattr("catalog.read_column", refuse_to_read)
+        catalog = opened.view().catalog
+        assert np.isnan(catalog.numbers(catalog.rows_of(ids), "taken")).all()
+        assert selected_ids(opened, opened.mask(parse_filter("album = trip"))) == set()
+        opened.write(["dated"], vectors[:1], [{"path": "d.jpg", "taken": 12.5, "album": "trip"}])
+        opened.update_metadata(ids[:1], [{"path": "u.jpg", "taken": 3.0}])
+        catalog = opened.view().catalog
+        assert catalog.numbers(catalog.rows_of([ids[0], "dated", ids[1]]), "taken")[:2].tolist() == [
+            3.0,
+            12.5,
+        ]
+        assert selected_ids(opened, opened.mask(parse_filter("album = trip"))) == {"dated"}
+
+
 def fail_if_scanned(*arguments: Any) -> None:
     raise AssertionError("the float16 scan ran where the product codes should have chosen")
 

@@ -118,7 +118,7 @@ QUERIES = [
 @pytest.mark.parametrize("sort", ["taken", "-taken"])
 @pytest.mark.parametrize("options", QUERIES, ids=lambda options: ",".join(options) or "plain")
 def test_a_date_order_is_the_relevance_order_sorted_by_date(library, sort, options):
-    engine, vectors = library
+    engine, _ = library
     query = np.random.default_rng(5).standard_normal(engine.encoder.dim).astype(np.float32)
     expected = _by_date(engine, query, sort, **options)
     assert len(expected) > 20

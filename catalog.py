@@ -30,6 +30,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -90,6 +91,9 @@ class Catalog:
         self.dim = dim
         self.first_pass_min = first_pass_min
         self._lock = threading.RLock()
+        # Fields being read into columns outside the lock; a search that needs one waits for it.
+        self._reading: set[str] = set()
+        self._read_done = threading.Condition(self._lock)
         self._ids: list[str | None] = []
         self._alive = np.zeros(0, dtype=bool)
         self._rows: dict[str, int] = {}
@@ -448,33 +452,26 @@ class Catalog:
 
         A filter's first use reads the fields it tests that no recent filter read (columns.py), on a
         connection of its own so that writes and other searches go on; its mask is then cached and
-        kept up to date by the writes, as are the columns.
+        kept up to date by the writes, as are the columns. A field another search is reading is waited
+        for, not read twice.
         """
         with self._lock:
             if image_filter is None:
                 return self._alive.copy()
+            self._read_done.wait_for(lambda: not image_filter.fields & self._reading)
             cached = self._masks.get(image_filter.key)
             if cached:
                 self._masks.move_to_end(image_filter.key)
                 return cached[1]
-            watcher = self._watch()
-            size = len(self._ids)
+            reading = self._start_reading(image_filter.fields)
             mask = self._alive.copy()
-            views: dict[str, ColumnView] = {}
-            for name in image_filter.fields & self._columns.keys():
-                self._columns.move_to_end(name)
-                views[name] = self._columns[name].view(size)
-            held = {name: self._field_counts[name] > 0 for name in image_filter.fields - views.keys()}
-        with self._unwatched_on_error(watcher):
-            read = {name: self._read_column(name, size, anyone) for name, anyone in held.items()}
-            views.update((name, column.view(size)) for name, column in read.items())
+        with self._finished_on_error(reading):
+            read = {name: self._read_column(name, reading.size, held) for name, held in reading.held.items()}
+            views = {**reading.views, **{name: column.view(reading.size) for name, column in read.items()}}
             for condition in image_filter.conditions:
                 mask &= views[condition.field].matching(condition)
         with self._lock:
-            self._watchers.remove(watcher)
-            written = self._written(watcher)
-            self._cache_columns(read, written)
-            return self._cache_mask(image_filter, mask, written)
+            return self._cache_mask(image_filter, mask, self._finish_reading(reading, read))
 
     def rows_of(self, ids: list[str]) -> np.ndarray:
         """The row of each image; ABSENT where it was removed meanwhile."""
@@ -485,32 +482,54 @@ class Catalog:
         """The field `name` of the image in each row as the float equal to it; NaN where it holds no
         number or the row is ABSENT or free. A field no recent filter read is read first, as in `mask`."""
         with self._lock:
+            self._read_done.wait_for(lambda: name not in self._reading)
             if name in self._columns:
                 self._columns.move_to_end(name)
                 return self._columns[name].view(len(self._ids)).numbers_at(rows)
-            watcher = self._watch()
-            size = len(self._ids)
-            held = self._field_counts[name] > 0
-        with self._unwatched_on_error(watcher):
-            read = self._read_column(name, size, held)
+            reading = self._start_reading(frozenset({name}))
+        with self._finished_on_error(reading):
+            column = self._read_column(name, reading.size, reading.held[name])
         with self._lock:
-            self._watchers.remove(watcher)
-            self._cache_columns({name: read}, self._written(watcher))
-            return read.view(len(self._ids)).numbers_at(rows)
+            self._finish_reading(reading, {name: column})
+            return column.view(len(self._ids)).numbers_at(rows)
 
-    def _watch(self) -> set[int]:
-        """A set that collects the rows written from now on, until removed from `_watchers`."""
+    def _start_reading(self, names: frozenset[str]) -> _Reading:
+        """Under the lock: views of the fields cached, and the others marked as being read, with a
+        watcher that collects the rows written from now on."""
+        size = len(self._ids)
+        views = {}
+        for name in names & self._columns.keys():
+            self._columns.move_to_end(name)
+            views[name] = self._columns[name].view(size)
+        held = {name: self._field_counts[name] > 0 for name in names - views.keys()}
+        self._reading |= held.keys()
         watcher: set[int] = set()
         self._watchers.append(watcher)
-        return watcher
+        return _Reading(watcher, size, views, held)
+
+    def _finish_reading(
+        self, reading: _Reading, read: dict[str, FieldColumn]
+    ) -> dict[int, dict[str, Any] | None]:
+        """Under the lock: cache the columns read, brought up to date with the rows written meanwhile
+        (returned, as `_written` gives them)."""
+        self._watchers.remove(reading.watcher)
+        written = self._written(reading.watcher)
+        self._cache_columns(read, written)
+        self._stop_reading(reading)
+        return written
+
+    def _stop_reading(self, reading: _Reading) -> None:
+        self._reading -= reading.held.keys()
+        self._read_done.notify_all()
 
     @contextmanager
-    def _unwatched_on_error(self, watcher: set[int]) -> Iterator[None]:
+    def _finished_on_error(self, reading: _Reading) -> Iterator[None]:
         try:
             yield
         except BaseException:
             with self._lock:
-                self._watchers.remove(watcher)
+                self._watchers.remove(reading.watcher)
+                self._stop_reading(reading)
             raise
 
     def _read_column(self, name: str, size: int, held: bool) -> FieldColumn:
@@ -717,6 +736,16 @@ def _settled(exact: np.ndarray, approximate: np.ndarray, next_approximate: float
         return False
     error = float(np.max(np.abs(exact[scored] - approximate[scored])))
     return float(np.partition(exact, -count)[-count]) > next_approximate + ERROR_MARGIN * error
+
+
+@dataclass
+class _Reading:
+    """The fields one search reads into columns outside the lock."""
+
+    watcher: set[int]  # the rows written since the read began
+    size: int  # the rows read
+    views: dict[str, ColumnView]  # the fields already cached
+    held: dict[str, bool]  # the fields to read, each with whether any image holds it
 
 
 def field_values(changed: dict[int, dict[str, Any] | None], name: str) -> dict[int, Any]:

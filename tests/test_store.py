@@ -481,6 +481,72 @@ def test_a_cached_filter_mask_follows_every_write_even_one_made_while_it_is_comp
         assert selected_ids(opened, opened.mask(one_again)) == matching_ids(opened, 1)
 
 
+def race_for_one_field(store_: VectorStore, ids: list[str], reading: threading.Event) -> dict[str, Any]:
+    """A search that starts reading the field `group`, and two more that need it while it is read (a
+    filter, the numbers of a date sort): each one's outcome, or its error."""
+    outcomes: dict[str, Any] = {}
+
+    def search(label: str, action: Any) -> None:
+        try:
+            outcomes[label] = action()
+        except RuntimeError as error:
+            outcomes[label] = error
+
+    def by_mask(group: int) -> set[str]:
+        return selected_ids(store_, store_.mask(parse_filter(f"group = {group}")))
+
+    def by_numbers() -> list[float]:
+        catalog = store_.view().catalog
+        return catalog.numbers(catalog.rows_of(ids), "group").tolist()
+
+    reading.clear()
+    first = threading.Thread(target=search, args=("1", lambda: by_mask(1)))
+    first.start()
+    assert reading.wait(10)
+    others = [
+        threading.Thread(target=search, args=("2", lambda: by_mask(2))),
+        threading.Thread(target=search, args=("numbers", by_numbers)),
+    ]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(30)
+    return outcomes
+
+
+def test_searches_needing_a_field_being_read_wait_for_that_read_instead_of_reading_it_again(
+    embedded, monkeypatch
+):
+    ids, vectors, metadatas = records("img", 60, seed=31)
+    with open_store(embedded) as opened:
+        opened.write(ids, vectors, metadatas)
+    groups = {
+        group: {i for i, m in zip(ids, metadatas, strict=True) if m["group"] == group} for group in (1, 2)
+    }
+    numbers = [float(metadata["group"]) for metadata in metadatas]
+    reading, reads = threading.Event(), []
+    failures = [RuntimeError("the disk went away")]  # the first read fails, the next ones work
+
+    def slow_read(*arguments: Any) -> FieldColumn:
+        reads.append(arguments[1])
+        reading.set()
+        time.sleep(0.4)
+        if failures:
+            raise failures.pop()
+        return read_column(*arguments)
+
+    monkeypatch.setattr("catalog.read_column", slow_read)
+    with open_store(embedded) as opened:
+        failed = race_for_one_field(opened, ids, reading)
+        assert reads == ["group", "group"]  # the read that failed, then one by a search that waited
+        assert isinstance(failed["1"], RuntimeError)
+        assert (failed["2"], failed["numbers"]) == (groups[2], numbers)
+    with open_store(embedded) as opened:  # a fresh mirror: no column read yet
+        shared = race_for_one_field(opened, ids, reading)
+        assert reads == ["group", "group", "group"]
+        assert shared == {"1": groups[1], "2": groups[2], "numbers": numbers}
+
+
 def refuse_to_read(*arguments: Any) -> None:
     raise AssertionError("a field already read was read again")
 

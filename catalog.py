@@ -637,18 +637,19 @@ class Catalog:
         `threshold`: their indices in `rows`, in order, and for each the index of the first such vector.
         ABSENT and free rows hold none. One pass over the rows' float32 vectors in row order, in blocks."""
         against = np.ascontiguousarray(of.T, dtype=np.float32)
+        in_row_order = np.argsort(rows, kind="stable")
+        in_row_order = in_row_order[rows[in_row_order] >= 0]
         found, first = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-        with self._lock:
-            inside = (rows >= 0) & (rows < len(self._alive))
-            inside[inside] = self._alive[rows[inside]]
-            live = np.flatnonzero(inside)
-            live = live[np.argsort(rows[live], kind="stable")]
-            for start in range(0, len(live), self._gather_rows):
-                indices = live[start : start + self._gather_rows]
+        for start in range(0, len(in_row_order), self._gather_rows):
+            indices = in_row_order[start : start + self._gather_rows]
+            with self._lock:  # block by block: a write waits for one block, not the whole pass
+                live = rows[indices] < len(self._alive)
+                live[live] = self._alive[rows[indices[live]]]
+                indices = indices[live]
                 near = self._vectors_of(rows[indices]) @ against >= threshold
-                hits = np.flatnonzero(near.any(axis=1))
-                found.append(indices[hits])
-                first.append(np.argmax(near[hits], axis=1))
+            hits = np.flatnonzero(near.any(axis=1))
+            found.append(indices[hits])
+            first.append(np.argmax(near[hits], axis=1))
         found_at, first_of = np.concatenate(found), np.concatenate(first)
         order = np.argsort(found_at)
         return found_at[order], first_of[order]

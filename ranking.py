@@ -375,7 +375,7 @@ class Ranker:
         if query.min_score is not None:
             keep &= scores >= query.min_score
         if query.cutoff == "adaptive" and keep.any():
-            keep &= scores >= adaptive_threshold(scores[keep].tolist(), self.settings)
+            keep &= scores >= adaptive_threshold(scores[keep][:MIN_CANDIDATES].tolist(), self.settings)
         return keep
 
     def _collapse(self, matches: _Matches, need: int | None = None, offset: int = 0) -> list[_Candidate]:

@@ -739,6 +739,7 @@ def serve(settings: Settings, engine: ImageRetrieval) -> None:
     # garbage collector no longer scans them: a full collection inside a request 150 ms -> 0.1 ms.
     gc.freeze()
     log.info("serving %d images at %s", engine.count(), url)
+    threading.Thread(target=engine.store.read_recent_fields, name="recent-fields", daemon=True).start()
     for line in connect_instructions(settings, url, app.extensions["image_search_api"].access.token):
         log.info("%s", line)
     try:

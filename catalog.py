@@ -56,6 +56,10 @@ MASK_CACHE_BYTES = 16 * 1024 * 1024
 # Metadata columns kept per mirror for new filters (columns.py); one field whose 1M values all differ
 # (a time stamp) takes about 80 MB.
 COLUMN_CACHE_BYTES = 256 * 1024 * 1024
+# The fields whose columns searches read last (at most RECENT_FIELDS), kept beside the mirror: an API
+# server reads them again in the background at start (Catalog.read_recent_fields).
+RECENT_FIELDS_FILE = "recent_fields.json"
+RECENT_FIELDS = 8
 MIN_ROWS = 1024
 READ_CHUNK = 20000
 # Bytes of float32 rows gathered at once to score them: under the 1 MB above which glibc maps each
@@ -481,17 +485,51 @@ class Catalog:
     def numbers(self, rows: np.ndarray, name: str) -> np.ndarray:
         """The field `name` of the image in each row as the float equal to it; NaN where it holds no
         number or the row is ABSENT or free. A field no recent filter read is read first, as in `mask`."""
+        while True:
+            self.read_field(name)
+            with self._lock:
+                if name in self._columns:  # else dropped from the cache meanwhile: read again
+                    self._columns.move_to_end(name)
+                    return self._columns[name].view(len(self._ids)).numbers_at(rows)
+
+    def read_field(self, name: str) -> None:
+        """Make sure the field `name` is cached as a column: read it, or wait for the search reading it."""
         with self._lock:
             self._read_done.wait_for(lambda: name not in self._reading)
             if name in self._columns:
-                self._columns.move_to_end(name)
-                return self._columns[name].view(len(self._ids)).numbers_at(rows)
+                return
             reading = self._start_reading(frozenset({name}))
         with self._finished_on_error(reading):
             column = self._read_column(name, reading.size, reading.held[name])
         with self._lock:
             self._finish_reading(reading, {name: column})
-            return column.view(len(self._ids)).numbers_at(rows)
+
+    def read_recent_fields(self) -> list[str]:
+        """Read into columns the fields that searches of this mirror read last, most recent first, so
+        that the first filter or date sort on them after a start reads nothing; the fields read."""
+        recent = self._recent_fields()
+        for name in reversed(recent):
+            self.read_field(name)
+        return recent
+
+    def _recent_fields(self) -> list[str]:
+        try:
+            names = json.loads((self.folder / RECENT_FIELDS_FILE).read_text())
+        except (OSError, ValueError):
+            return []
+        return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
+
+    def _remember_fields(self, names: Iterable[str]) -> None:
+        """Record these fields, just read, as the most recent ones."""
+        read = sorted(names)
+        recent = [name for name in self._recent_fields() if name not in read] + read
+        path = self.folder / RECENT_FIELDS_FILE
+        part = path.with_name(path.name + ".part")
+        try:
+            part.write_text(json.dumps(recent[-RECENT_FIELDS:]))
+            os.replace(part, path)
+        except OSError as error:
+            log.warning("cannot record the fields read in %s: %s", path, error)
 
     def _start_reading(self, names: frozenset[str]) -> _Reading:
         """Under the lock: views of the fields cached, and the others marked as being read, with a
@@ -516,6 +554,8 @@ class Catalog:
         written = self._written(reading.watcher)
         self._cache_columns(read, written)
         self._stop_reading(reading)
+        if read:
+            self._remember_fields(read)
         return written
 
     def _stop_reading(self, reading: _Reading) -> None:

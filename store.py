@@ -613,6 +613,18 @@ class VectorStore:
     def first_pass(self) -> str:
         return self.view().catalog.first_pass
 
+    def read_recent_fields(self) -> None:
+        """Read again the fields the last searches read into columns (a background job at start)."""
+        started = time.perf_counter()
+        try:
+            names = self.view().catalog.read_recent_fields()
+        except (sqlite3.Error, OSError, ValueError) as error:  # the mirror closed or replaced meanwhile
+            log.info("stopped reading the fields recent searches used: %s", error)
+            return
+        if names:
+            seconds = time.perf_counter() - started
+            log.info("read %s, as recent searches did, in %.1f s", ", ".join(names), seconds)
+
     def field_names(self) -> frozenset[str]:
         return self._view.catalog.field_names()
 

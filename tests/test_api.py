@@ -746,6 +746,26 @@ def test_embed_images_hands_its_job_to_the_server(tmp_path, tiny_checkpoint, coc
         assert gone.status_code == 404 and "error" in gone.json()
 
 
+def test_a_restarted_server_reads_again_the_fields_recent_searches_filtered_on(
+    tmp_path, tiny_checkpoint, coco_source
+):
+    dataset = tmp_path / "dataset"
+    copy_photos(coco_source, dataset, 0, 8)
+    settings = make_settings(tmp_path, dataset, tiny_checkpoint, RATE_LIMIT_PER_MINUTE=0)
+    with ApiServer(settings) as running:
+        assert index_and_wait(running.url)["state"] == "done"
+        wide = search(running.url, query="a photo", filters="width >= 600", include_images="none")
+        assert "read width" not in running.log()
+    with ApiServer(settings) as restarted:
+        deadline = time.monotonic() + 60
+        while "read width, as recent searches did" not in restarted.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "read width, as recent searches did" in restarted.log()
+        again = search(restarted.url, query="a photo", filters="width >= 600", include_images="none")
+        assert [hit["id"] for hit in again["results"]] == [hit["id"] for hit in wide["results"]]
+        assert 0 < len(again["results"]) < 8
+
+
 def test_embed_images_waits_for_another_job_then_runs_its_own(
     tmp_path, tiny_checkpoint, coco_source, monkeypatch, capsys, caplog
 ):

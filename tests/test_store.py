@@ -14,7 +14,7 @@ import pytest
 from conftest import ChromaServer, free_port
 
 import store
-from catalog import Catalog, _settled
+from catalog import RECENT_FIELDS, Catalog, _settled
 from columns import ABSENT, FieldColumn, read_column
 from config import Settings
 from errors import StoreError
@@ -545,6 +545,30 @@ def test_searches_needing_a_field_being_read_wait_for_that_read_instead_of_readi
         shared = race_for_one_field(opened, ids, reading)
         assert reads == ["group", "group", "group"]
         assert shared == {"1": groups[1], "2": groups[2], "numbers": numbers}
+
+
+def test_the_fields_read_last_are_read_again_by_the_next_catalog_and_none_other(tmp_path, monkeypatch):
+    ids, vectors, metadatas = records("img", 30, seed=37)
+    catalog = Catalog(tmp_path / "mirror", DIM)
+    catalog.put(ids, vectors, [{**metadata, "taken": float(i)} for i, metadata in enumerate(metadatas)])
+    catalog.mask(parse_filter("group = 1"))
+    catalog.numbers(catalog.rows_of(ids), "taken")
+    extra = [f"field{i}" for i in range(RECENT_FIELDS - 1)]
+    for name in extra:
+        catalog.read_field(name)
+    catalog.close()
+
+    reopened = Catalog(tmp_path / "mirror", DIM)
+    assert reopened.read_recent_fields() == ["taken", *extra]  # the oldest, group, no longer
+    reads: list[str] = []
+    monkeypatch.setattr(
+        "catalog.read_column", lambda *arguments: reads.append(arguments[1]) or read_column(*arguments)
+    )
+    assert reopened.numbers(reopened.rows_of(ids[:3]), "taken").tolist() == [0.0, 1.0, 2.0]
+    assert reads == []
+    mask = reopened.mask(parse_filter("group = 1"))
+    assert reads == ["group"] and int(mask.sum()) == sum(metadata["group"] == 1 for metadata in metadatas)
+    reopened.close()
 
 
 def refuse_to_read(*arguments: Any) -> None:

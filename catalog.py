@@ -517,7 +517,9 @@ class Catalog:
             names = json.loads((self.folder / RECENT_FIELDS_FILE).read_text())
         except (OSError, ValueError):
             return []
-        return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
+        if not isinstance(names, list):
+            return []
+        return [name for name in names if isinstance(name, str)][-RECENT_FIELDS:]
 
     def _remember_fields(self, names: Iterable[str]) -> None:
         """Record these fields, just read, as the most recent ones."""

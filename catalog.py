@@ -505,10 +505,11 @@ class Catalog:
             self._finish_reading(reading, {name: column})
 
     def read_recent_fields(self) -> list[str]:
-        """Read into columns the fields that searches of this mirror read last, most recent first, so
-        that the first filter or date sort on them after a start reads nothing; the fields read."""
+        """Read into columns the fields that searches of this mirror read last, so that the first filter
+        or date sort on them after a start reads nothing; the fields read. They are read in the order
+        they were first read, so that the record, written again as each is read, keeps that order."""
         recent = self._recent_fields()
-        for name in reversed(recent):
+        for name in recent:
             self.read_field(name)
         return recent
 

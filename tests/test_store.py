@@ -569,6 +569,9 @@ def test_the_fields_read_last_are_read_again_by_the_next_catalog_and_none_other(
     mask = reopened.mask(parse_filter("group = 1"))
     assert reads == ["group"] and int(mask.sum()) == sum(metadata["group"] == 1 for metadata in metadatas)
     reopened.close()
+    third = Catalog(tmp_path / "mirror", DIM)
+    assert third.read_recent_fields() == [*extra, "group"]  # the order survives a warm-up
+    third.close()
 
 
 def refuse_to_read(*arguments: Any) -> None:

@@ -23,12 +23,13 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from flask import Flask, Response, current_app, jsonify, request, send_file, send_from_directory
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
@@ -102,12 +103,17 @@ class ThumbnailCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get_or_make(self, key: tuple[str, int], make: Callable[[], bytes]) -> Thumbnail:
+    def get(self, key: tuple[str, int]) -> Thumbnail | None:
         with self._lock:
             cached = self._entries.get(key)
             if cached is not None:
                 self._entries.move_to_end(key)
-                return cached
+            return cached
+
+    def get_or_make(self, key: tuple[str, int], make: Callable[[], bytes]) -> Thumbnail:
+        cached = self.get(key)
+        if cached is not None:
+            return cached
         jpeg = make()
         thumbnail = Thumbnail(jpeg, "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"))
         with self._lock:
@@ -315,56 +321,97 @@ class Api:
         return hits
 
     def _add_pictures(self, hits: list[dict[str, Any]], key: str, size: int | None = None) -> None:
-        """Inline thumbnails made side by side: a page of photos not cached yet decodes ten files."""
-        pictures = _thumbnail_pool().map(
-            lambda hit: self._thumbnail_data_uri(hit["id"], hit["metadata"], size), hits
-        )
+        """Inline thumbnails. Those cached, and those of images no larger than the thumbnail, are made
+        here; the others side by side on the thumbnail threads (Pillow lets go of the GIL while
+        decoding), since a page of photos not cached yet decodes ten files, but handing a thumbnail to
+        another thread costs more than making one of a small image."""
+        size = size or self.settings.THUMBNAIL_SIZE
+        with ExitStack() as files:
+            sources = [self._thumbnail_source(hit["id"], hit["metadata"], size, files) for hit in hits]
+            pictures = [self.thumbnails.get(source.key) if source else None for source in sources]
+            missing = [i for i, source in enumerate(sources) if source and pictures[i] is None]
+            apart = [i for i in missing if not _no_larger_than(hits[i]["metadata"], size)]
+            apart = apart if len(apart) > 1 else []
+            made_apart = _thumbnail_pool().map(self._made_thumbnail, [sources[i] for i in apart])
+            for i in missing:
+                if i not in apart:
+                    pictures[i] = self._made_thumbnail(sources[i])
+            for i, picture in zip(apart, made_apart, strict=True):
+                pictures[i] = picture
         for hit, picture in zip(hits, pictures, strict=True):
-            hit[key] = picture
+            hit[key] = picture.data_uri if picture else None
 
-    def _thumbnail_data_uri(
-        self, image_id: str, metadata: dict[str, Any], size: int | None = None
-    ) -> str | None:
+    def _thumbnail_source(
+        self, image_id: str, metadata: dict[str, Any], size: int, files: ExitStack
+    ) -> ThumbnailSource | None:
+        """The image's file, opened until `files` closes; None where it is gone or unreadable."""
         try:
-            thumbnail = self.thumbnail(image_id, size=size, metadata=metadata).thumbnail
+            return files.enter_context(self._opened_source(image_id, size, metadata))
         except UnknownImage:
             log.warning("no thumbnail for %s: its file is gone or unreadable", metadata.get("path"))
             return None
-        return thumbnail.data_uri if thumbnail else None
+
+    def _made_thumbnail(self, source: ThumbnailSource) -> Thumbnail | None:
+        try:
+            return self.thumbnails.get_or_make(source.key, lambda: self._thumbnail_jpeg(source))
+        except UnknownImage:
+            return None
 
     def metadata(self, image_id: str) -> dict[str, Any]:
         return self.engine.metadata(image_id)
 
-    def thumbnail(
-        self,
-        image_id: str,
-        if_none_match: Any = None,
-        size: int | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> ServedThumbnail:
-        """The thumbnail of the image's file as it is now (opened once), cached while the file is unchanged.
+    def thumbnail(self, image_id: str, if_none_match: Any = None) -> ServedThumbnail:
+        """The THUMBNAIL_SIZE thumbnail of the image's file as it is now (opened once), cached while the
+        file is unchanged. When `if_none_match` matches, the thumbnail is not made (`thumbnail` is None:
+        a 304)."""
+        with self._opened_source(image_id, self.settings.THUMBNAIL_SIZE) as source:
+            if if_none_match is not None and if_none_match.contains(source.etag):
+                return ServedThumbnail(None, source.etag)
+            made = self.thumbnails.get_or_make(source.key, lambda: self._thumbnail_jpeg(source))
+            return ServedThumbnail(made, source.etag)
 
-        When `if_none_match` matches, the thumbnail is not made (`thumbnail` is None: a 304). `size` is
-        THUMBNAIL_SIZE unless given (the tiny inline previews); the small ones are saved at lower quality.
-        `metadata` is the image's where the caller has read it already.
-        """
-        size = size or self.settings.THUMBNAIL_SIZE
-        quality = PREVIEW_QUALITY if size <= PREVIEW_SIZE else 85
+    @contextmanager
+    def _opened_source(
+        self, image_id: str, size: int, metadata: dict[str, Any] | None = None
+    ) -> Iterator[ThumbnailSource]:
+        """The image's file, opened once and checked (`metadata`: the image's, where the caller has
+        read it already), with the tag of its thumbnail at `size`."""
         metadata = metadata or self.metadata(image_id)
         file, opened = self.engine.open_file(image_id, metadata)
         with file:
             etag = f"{file_etag(metadata, opened)[:32]}-{size}"
-            if if_none_match is not None and if_none_match.contains(etag):
-                return ServedThumbnail(None, etag)
+            yield ThumbnailSource(image_id, str(metadata.get("path")), file, etag, size)
 
-            def make() -> bytes:
-                try:
-                    return thumbnail_jpeg(file, size, self.settings.MAX_IMAGE_MEGAPIXELS, quality)
-                except (ImageLoadError, OSError) as error:
-                    log.warning("cannot make a thumbnail of %s: %s", metadata.get("path"), error)
-                    raise UnknownImage(image_id) from None
+    def _thumbnail_jpeg(self, source: ThumbnailSource) -> bytes:
+        """The thumbnail's JPEG; the small inline previews are saved at lower quality."""
+        quality = PREVIEW_QUALITY if source.size <= PREVIEW_SIZE else 85
+        try:
+            return thumbnail_jpeg(source.file, source.size, self.settings.MAX_IMAGE_MEGAPIXELS, quality)
+        except (ImageLoadError, OSError) as error:
+            log.warning("cannot make a thumbnail of %s: %s", source.path, error)
+            raise UnknownImage(source.image_id) from None
 
-            return ServedThumbnail(self.thumbnails.get_or_make((etag, size), make), etag)
+
+@dataclass(frozen=True)
+class ThumbnailSource:
+    """An image's file, opened, and the cache key of its thumbnail at one size."""
+
+    image_id: str
+    path: str
+    file: BinaryIO
+    etag: str
+    size: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.etag, self.size)
+
+
+def _no_larger_than(metadata: dict[str, Any], size: int) -> bool:
+    """Whether the image's recorded pixels fit a `size` square: its thumbnail costs less to make than
+    to hand to another thread."""
+    width, height = metadata.get("width"), metadata.get("height")
+    return isinstance(width, int) and isinstance(height, int) and width * height <= size * size
 
 
 @dataclass(frozen=True)

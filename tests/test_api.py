@@ -257,6 +257,58 @@ def test_text_search_returns_ranked_thumbnails(server, photos, openapi):
             assert abs(thumbnail.width / thumbnail.height - original.width / original.height) < 0.05
 
 
+def test_a_page_of_large_small_cached_and_missing_images_gets_each_its_own_thumbnail(
+    tmp_path, tiny_checkpoint, encoder, photos, monkeypatch
+):
+    import api
+    from image_retrieval import ImageRetrieval
+
+    dataset = tmp_path / "mixed"
+    large = [item["image"] for item in copy_photos(photos, dataset, 0, 5)]
+    colours = ["red", "green", "blue", "yellow", "purple"]
+    for colour in colours:
+        (dataset / f"{colour}.png").write_bytes(png_bytes((40, 30), colour))
+    names = {file.stat().st_ino: file.name for file in dataset.iterdir()}
+    made_in: dict[str, str] = {}
+    make = api.thumbnail_jpeg
+
+    def recorded(source, *args):
+        made_in[names[os.fstat(source.fileno()).st_ino]] = threading.current_thread().name
+        return make(source, *args)
+
+    monkeypatch.setattr(api, "thumbnail_jpeg", recorded)
+    settings = make_settings(tmp_path, dataset, tiny_checkpoint)
+    with ImageRetrieval(settings, encoder=encoder, role="api") as engine:
+        engine.index_folder()
+        (dataset / large[0]).unlink()
+        (dataset / "red.png").unlink()
+        client = api.create_app(settings, engine).test_client()
+        first = client.post("/search", json={"query": "a photo", "top_k": 10}).get_json()["results"]
+        made_first = dict(made_in)
+        made_in.clear()
+        again = client.post("/search", json={"query": "a photo", "top_k": 10}).get_json()["results"]
+
+    pictures = {hit["path"]: hit["image"] for hit in first}
+    assert set(pictures) == set(large) | {f"{colour}.png" for colour in colours}
+    assert pictures[large[0]] is None and pictures["red.png"] is None
+    for colour in colours[1:]:
+        thumbnail = decoded_thumbnail(pictures[f"{colour}.png"])
+        assert thumbnail.size == (40, 30)
+        assert thumbnail.getpixel((20, 15)) == pytest.approx(
+            Image.new("RGB", (1, 1), colour).getpixel((0, 0)), abs=8
+        )
+    for name in large[1:]:
+        with Image.open(dataset / name) as original:
+            thumbnail = decoded_thumbnail(pictures[name])
+            assert abs(thumbnail.width / thumbnail.height - original.width / original.height) < 0.05
+    request_thread = threading.current_thread().name
+    assert {name for name, thread in made_first.items() if thread == request_thread} == {
+        f"{colour}.png" for colour in colours[1:]
+    }
+    assert {name for name, thread in made_first.items() if thread.startswith("thumbnails")} == set(large[1:])
+    assert made_in == {} and {hit["path"]: hit["image"] for hit in again} == pictures
+
+
 def test_image_query_by_upload_and_by_data_uri(server, photos):
     dataset, annotations = photos
     path = dataset / annotations[3]["image"]

@@ -292,14 +292,18 @@ class Api:
             **request_limits(self.settings),
         }
 
-    def search(self, search: SearchRequest) -> dict[str, Any]:
+    def search(self, search: SearchRequest) -> tuple[dict[str, Any], dict[str, float]]:
+        """The answer, and the milliseconds its stages took (encode, rank, pictures)."""
         result = self.engine.search(search.query)
+        started = time.perf_counter()
+        results = self._results(result, search.include_images, search.previews)
+        timings = {**result.timings, "pictures": (time.perf_counter() - started) * 1000}
         answer = {
             "query": search.text,
             "mode": result.mode,
             "top_k": search.query.top_k or self.settings.TOP_K,
             "offset": search.query.offset,
-            "results": self._results(result, search.include_images, search.previews),
+            "results": results,
             "total_results": len(result.hits),
             "has_more": result.has_more,
             "total": result.total,
@@ -307,7 +311,7 @@ class Api:
         }
         if result.note:
             answer["note"] = result.note
-        return answer
+        return answer, timings
 
     def _results(self, result: SearchResult, include_images: bool, previews: int) -> list[dict[str, Any]]:
         hits = result.hit_dicts()
@@ -590,7 +594,15 @@ def health() -> Response:
 
 
 def search() -> Response:
-    return jsonify(current_api().search(parsed_search_request()))
+    answer, timings = current_api().search(parsed_search_request())
+    response = jsonify(answer)
+    response.headers["Server-Timing"] = server_timing(timings)
+    return response
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """A Server-Timing header (shown by browsers' developer tools): each stage's milliseconds."""
+    return ", ".join(f"{stage};dur={milliseconds:.2f}" for stage, milliseconds in timings.items())
 
 
 def parsed_search_request() -> SearchRequest:

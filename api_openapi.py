@@ -91,6 +91,13 @@ def _openapi_paths() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "results in rank order",
+                        "headers": {
+                            "Server-Timing": {
+                                "description": "milliseconds of each stage: encode (the query's vector), "
+                                "rank, pictures (the inline thumbnails)",
+                                "schema": {"type": "string"},
+                            }
+                        },
                         "content": _json_content(_ref("SearchResponse")),
                     },
                     **_errors(400, 401, 404, 413, 503),

@@ -11,6 +11,7 @@ import base64
 import binascii
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -187,8 +188,12 @@ class ImageRetrieval:
         view = self.store.view()
         image_filter = parsed_filter(query.filters, self.settings, view.catalog.field_names())
         query, note = rankable(query)
+        started = time.perf_counter()
         vector = self.query_vector(query.parts)
-        return Ranker(view, self.settings, query, vector, image_filter).result(top_k, note)
+        encoded = time.perf_counter()
+        result = Ranker(view, self.settings, query, vector, image_filter).result(top_k, note)
+        result.timings.update(encode=1000 * (encoded - started), rank=1000 * (time.perf_counter() - encoded))
+        return result
 
     def query_vector(self, parts: list[QueryPart]) -> np.ndarray:
         """The normalised weighted sum of the parts' normalised vectors."""

@@ -102,6 +102,8 @@ class SearchResult:
     note: str | None = None
     total: int | None = None
     total_exact: bool = False
+    # Milliseconds by stage ("encode": the query's vector, "rank"), for the Server-Timing header.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def hit_dicts(self) -> list[dict[str, Any]]:
         """The hits as JSON-ready objects; keyword and hybrid hits say why they matched."""

@@ -235,8 +235,20 @@ def test_get_root_reports_the_limits_that_requests_are_held_to(tmp_path, tiny_ch
 
 def test_text_search_returns_ranked_thumbnails(server, photos, openapi):
     dataset, _ = photos
+    started = time.perf_counter()
+    answer = requests.post(
+        f"{server.url}/search", json={"query": "a dog playing in the park", "top_k": 5}, timeout=60
+    )
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    stages = dict(
+        re.fullmatch(r"(\w+);dur=([\d.]+)", part).groups()
+        for part in answer.headers["Server-Timing"].split(", ")
+    )
+    assert list(stages) == ["encode", "rank", "pictures"]
+    assert float(stages["encode"]) > 0 and sum(map(float, stages.values())) < elapsed_ms
     found = search(server.url, query="a dog playing in the park", top_k=5, offset=None, filters=None)
     assert_matches_schema(openapi, "SearchResponse", found)
+    assert found == answer.json()
     assert found["query"] == "a dog playing in the park" and found["mode"] == "vector"
     assert found["total_results"] == len(found["results"]) == 5 and found["has_more"] is True
     assert found["total"] == PHOTOS and found["total_exact"] is False  # estimated: not all ranked

@@ -79,6 +79,9 @@ CACHE_SECONDS = 300
 # Inline previews (`previews` in a search): long side and JPEG quality; about 1 KB each as a data URI.
 PREVIEW_SIZE = 48
 PREVIEW_QUALITY = 60
+# Turns of libgomp's wait loop an idle OpenMP thread spins before it sleeps (2-3 ms on this machine;
+# libgomp's default is 300,000, or 1,000 once its threads outnumber the cores).
+OPENMP_SPIN_COUNT = "100000"
 BODY_MARGIN_BYTES = 1024 * 1024
 RATE_WINDOW_SECONDS = 60.0
 PAGE_PATHS = ("/ui",)
@@ -831,7 +834,7 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    let_idle_threads_sleep()
+    bound_openmp_spinning()
     return run_front_end(
         lambda: settings_from(args),
         run_server,
@@ -839,12 +842,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def let_idle_threads_sleep(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Make OpenMP's threads (torch's, faiss's) sleep once their work is done rather than spin, unless
-    OMP_WAIT_POLICY says otherwise. A text query encodes on every core, then scans the product codes
-    on every core: the encoder's spinning threads slowed that scan from 7 to 11 ms on 2 cores
-    (bench/RESULTS.md). Read when torch loads, so set before the engine is built."""
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def bound_openmp_spinning(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Let OpenMP's idle threads (torch's, faiss's) spin for `OPENMP_SPIN_COUNT` turns before they
+    sleep, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT says otherwise. A text query encodes on every core,
+    then scans the product codes on every core: threads that sleep at once must be woken for each of
+    the encoder's small parallel steps (OMP_WAIT_POLICY=PASSIVE: a text query 6.7 ms slower at 1M),
+    and threads that spin on take a core from the scan (`python bench/wait_policy.py`). Read when
+    torch loads, so set before the engine is built."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
 
 def run_server(settings: Settings) -> int:

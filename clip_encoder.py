@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -146,9 +148,20 @@ class ClipEncoder:
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.encode_pixels(torch.stack([self.preprocess_image(image) for image in images]))
 
-    @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Text vectors, computed only up to the longest text's end token (the same result, faster)."""
+        """Text vectors, computed only up to the longest text's end token (the same result, faster).
+
+        On the CPU every text of the process is encoded on one thread (`_text_thread`): OpenMP (torch's
+        libgomp) keeps a team of threads per calling thread, and once the teams outnumber the cores
+        it stops letting idle threads spin between the encoder's hundreds of small parallel steps,
+        so that a server encoding on its several request threads waited each time for sleeping ones.
+        """
+        if self.device != "cpu":
+            return self._encode_texts_here(texts)
+        return _text_thread().submit(self._encode_texts_here, texts).result()
+
+    @torch.inference_mode()
+    def _encode_texts_here(self, texts: Sequence[str]) -> np.ndarray:
         tokens = clip.tokenize(list(texts), truncate=True).to(self.device)
         length = int(tokens.argmax(dim=-1).max()) + 1
         return _normalised(self._encode_tokens(tokens[:, :length]))
@@ -218,3 +231,8 @@ def _normalised(features: torch.Tensor) -> np.ndarray:
     features = features.float()
     features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return features.cpu().numpy().astype(np.float32)
+
+
+@functools.cache
+def _text_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-encoding")

@@ -887,13 +887,14 @@ def test_bad_settings_stop_the_server_with_a_message(tmp_path, tiny_checkpoint, 
     assert result.returncode == 1 and "unknown model" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_the_server_lets_idle_openmp_threads_sleep_unless_the_user_chose_a_policy():
+def test_the_server_bounds_how_long_idle_openmp_threads_spin_unless_the_user_chose():
     """A text query's encoder threads would otherwise spin on the cores its product-code scan needs."""
-    from api import let_idle_threads_sleep
+    from api import OPENMP_SPIN_COUNT, bound_openmp_spinning
 
     unset: dict[str, str] = {}
-    let_idle_threads_sleep(unset)
-    assert unset == {"OMP_WAIT_POLICY": "PASSIVE"}
-    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
-    let_idle_threads_sleep(chosen)
-    assert chosen == {"OMP_WAIT_POLICY": "ACTIVE"}
+    bound_openmp_spinning(unset)
+    assert unset == {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "5"}):
+        kept = dict(chosen)
+        bound_openmp_spinning(kept)
+        assert kept == chosen

@@ -6,6 +6,8 @@ import base64
 import csv
 import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,32 @@ def test_text_query_ranks_by_cosine(coco_engine):
         assert -1.0 <= hit.score <= 1.0
         assert hit.score == pytest.approx(float(coco_engine.store.vector(hit.id) @ vector), abs=1e-5)
         assert hit.path == hit.metadata["path"]
+
+
+def test_texts_asked_from_many_threads_are_encoded_on_one_as_the_model_encodes_them(encoder, monkeypatch):
+    """OpenMP keeps a team of threads per calling thread: a server's request threads all hand their
+    texts to one thread, and get the vectors of the model's own `encode_text`."""
+    import clip
+    import torch
+
+    from clip_encoder import ClipEncoder
+
+    encoded_on: set[str] = set()
+    encode_tokens = ClipEncoder._encode_tokens
+
+    def recorded(self: ClipEncoder, tokens: torch.Tensor) -> torch.Tensor:
+        encoded_on.add(threading.current_thread().name)
+        return encode_tokens(self, tokens)
+
+    monkeypatch.setattr(ClipEncoder, "_encode_tokens", recorded)
+    texts = [f"a photo of {count} dogs on a beach" for count in range(24)]
+    with ThreadPoolExecutor(max_workers=4) as requests:
+        vectors = list(requests.map(lambda text: encoder.encode_texts([text])[0], texts))
+    with torch.inference_mode():
+        reference = encoder.model.encode_text(clip.tokenize(texts)).float().numpy()
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.stack(vectors), reference, atol=1e-5)
+    assert len(encoded_on) == 1 and next(iter(encoded_on)).startswith("text-encoding")
 
 
 def test_image_query_from_path_bytes_and_data_uri(coco_engine):

@@ -1,6 +1,6 @@
 """Benchmark 4b: how long the API server's OpenMP threads spin once idle, and what a text query pays.
 
-    python bench/wait_policy.py [--size 250000] [--queries 100] [--rounds 2]
+    python bench/wait_policy.py [--size 250000] [--queries 100] [--rounds 2] [--first N]
 
 A text query encodes its text on every core (torch, on the encoder's one text thread), then scans the
 product codes on every core (faiss). OpenMP threads that keep spinning once the encoding is done take
@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=250000)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--first", type=int, default=len(VARIANTS), help="run only the first N variants (the default first)"
+    )
     return parser.parse_args()
 
 
@@ -88,7 +91,7 @@ def main() -> None:
     encoder = ClipEncoder(str(synthetic_collection(args.size).settings().MODEL_NAME), "cpu")
     results: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for _ in range(args.rounds):
-        for label, variant in VARIANTS.items():
+        for label, variant in list(VARIANTS.items())[: args.first]:
             for name, values in measure(variant, texts, encoder, args.size).items():
                 results[label][name] += values
             time.sleep(1)

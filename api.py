@@ -339,10 +339,10 @@ class Api:
             missing = [i for i, source in enumerate(sources) if source and pictures[i] is None]
             apart = [i for i in missing if not _no_larger_than(hits[i]["metadata"], size)]
             apart = apart if len(apart) > 1 else []
+            here = [i for i in missing if i not in apart]
             made_apart = _thumbnail_pool().map(self._made_thumbnail, [sources[i] for i in apart])
-            for i in missing:
-                if i not in apart:
-                    pictures[i] = self._made_thumbnail(sources[i])
+            for i in here:
+                pictures[i] = self._made_thumbnail(sources[i])
             for i, picture in zip(apart, made_apart, strict=True):
                 pictures[i] = picture
         for hit, picture in zip(hits, pictures, strict=True):

@@ -115,13 +115,13 @@ def mirror_path(settings: Settings) -> Path:
     return Path(settings.CHROMA_DB_PATH) / "mirror"
 
 
-def measured_server(settings: Settings) -> ApiServer:
-    """api.py without the record of the fields recent searches read (catalog.RECENT_FIELDS_FILE), so
-    that it does not read them again in the background while it is measured, and a filter's first
-    use is one."""
+def measured_server(settings: Settings, extra_env: dict[str, str] | None = None) -> ApiServer:
+    """api.py (with `extra_env` in its environment) without the record of the fields recent searches
+    read (catalog.RECENT_FIELDS_FILE), so that it does not read them again in the background while it
+    is measured, and a filter's first use is one."""
     for record in mirror_path(settings).rglob(RECENT_FIELDS_FILE):
         record.unlink()
-    return ApiServer(settings, start_timeout=START_TIMEOUT_SECONDS)
+    return ApiServer(settings, extra_env=extra_env, start_timeout=START_TIMEOUT_SECONDS)
 
 
 def start_seconds(settings: Settings) -> float:

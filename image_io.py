@@ -36,6 +36,11 @@ DRAFT_MARGIN = 1
 # Images longer than this multiple of their short side are cropped around the centre before encoding.
 MAX_ASPECT_RATIO = 4
 
+# Pillow's `info` keys of a JPEG's metadata blocks: a file holding one is never sent as its own thumbnail.
+METADATA_BLOCKS = frozenset({"exif", "xmp", "comment", "photoshop", "iptc"})
+OWN_THUMBNAIL_BYTES_PER_PIXEL = 1
+OWN_THUMBNAIL_HEADER_BYTES = 4096
+
 # The formats a file or an upload may be in: the common photo formats. Others that Pillow can read (ICO,
 # PPM, SGI, DDS, JPEG 2000, ...) are refused up front rather than decoded by rarely used code.
 PHOTO_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF", "AVIF", "HEIF")
@@ -233,6 +238,30 @@ def _source_size(source: ImageSource) -> int:
     return os.fstat(source.fileno()).st_size
 
 
+def is_own_thumbnail(image: Image.Image, size: int, file_bytes: int) -> bool:
+    """Whether a file, opened as `image`, can be sent as its own thumbnail at `size`: a JPEG no larger
+    than the thumbnail, in RGB or grey, with no metadata block (nothing to turn upright or to leak) and
+    no more than `OWN_THUMBNAIL_BYTES_PER_PIXEL` bytes a pixel plus `OWN_THUMBNAIL_HEADER_BYTES`.
+    Sending it costs a read, where making it again costs a decode and an encode and loses quality."""
+    width, height = image.size
+    return (
+        image.format == "JPEG"
+        and max(width, height) <= size
+        and image.mode in ("RGB", "L")
+        and not METADATA_BLOCKS.intersection(image.info)
+        and file_bytes <= OWN_THUMBNAIL_BYTES_PER_PIXEL * width * height + OWN_THUMBNAIL_HEADER_BYTES
+    )
+
+
+def _source_bytes(source: ImageSource) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, Path | str):
+        return Path(source).read_bytes()
+    source.seek(0)
+    return source.read()
+
+
 def _photo_formats() -> list[str]:
     Image.init()
     return [name for name in PHOTO_FORMATS if name in Image.OPEN]
@@ -364,8 +393,11 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
 
 
 def thumbnail_jpeg(source: ImageSource, size: int, max_megapixels: float, quality: int = 85) -> bytes:
-    """A JPEG whose long side is at most `size`, upright."""
+    """A JPEG whose long side is at most `size`, upright: the file itself where it already is one
+    (`is_own_thumbnail`), else the image made smaller and encoded again."""
     image = open_image(source, max_megapixels)
+    if is_own_thumbnail(image, size, _source_size(source)):
+        return _source_bytes(source)
     orientation = exif_orientation(_exif_or_none(image))
     with _decoding():
         if image.format in ("JPEG", "MPO"):  # DCT-scaled while the long side stays >= size
@@ -375,5 +407,5 @@ def thumbnail_jpeg(source: ImageSource, size: int, max_megapixels: float, qualit
             image = to_rgb(upright(image, orientation))
             image.thumbnail((size, size), Image.Resampling.LANCZOS)
         out = io.BytesIO()
-        image.save(out, "JPEG", quality=quality, optimize=True)
+        image.save(out, "JPEG", quality=quality, optimize=True, comment=b"")  # no COM copied over
         return out.getvalue()

@@ -321,6 +321,67 @@ def test_a_page_of_large_small_cached_and_missing_images_gets_each_its_own_thumb
     assert made_in == {} and {hit["path"]: hit["image"] for hit in again} == pictures
 
 
+def jpeg_bytes(image: Image.Image, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+def small_jpegs() -> dict[str, bytes]:
+    """JPEGs no larger than the thumbnail (but the last), one plain and the others each with a reason
+    to be made again: EXIF (turned, or located), a comment, CMYK, an oversized profile, large."""
+    scene = Image.new("RGB", (40, 30), "navy")
+    scene.paste(Image.new("RGB", (20, 30), "orange"))
+    turned, located = Image.Exif(), Image.Exif()
+    turned[0x0112] = 6
+    located.get_ifd(0x8825)[2] = (48.0, 51.0, 0.0)
+    return {
+        "plain.jpg": jpeg_bytes(scene),
+        "turned.jpg": jpeg_bytes(scene, exif=turned),
+        "located.jpg": jpeg_bytes(scene, exif=located),
+        "commented.jpg": jpeg_bytes(scene, comment=b"made by hand"),
+        "cmyk.jpg": jpeg_bytes(scene.convert("CMYK")),
+        "profiled.jpg": jpeg_bytes(scene, icc_profile=bytes(8192)),
+        "large.jpg": jpeg_bytes(scene.resize((160, 120))),
+    }
+
+
+def test_a_small_plain_jpeg_is_its_own_thumbnail_and_others_are_made_upright_without_metadata(
+    tmp_path, tiny_checkpoint, encoder
+):
+    import api
+    from image_retrieval import ImageRetrieval
+    from indexer import image_id
+
+    dataset = tmp_path / "small"
+    dataset.mkdir()
+    files = small_jpegs()
+    for name, data in files.items():
+        (dataset / name).write_bytes(data)
+    settings = make_settings(tmp_path, dataset, tiny_checkpoint, THUMBNAIL_SIZE=THUMBNAIL_SIZE)
+    with ImageRetrieval(settings, encoder=encoder, role="api") as engine:
+        engine.index_folder()
+        client = api.create_app(settings, engine).test_client()
+        served = {name: client.get(f"/thumbnails/{image_id(name)}").data for name in files}
+        body = {"query": "a flag", "top_k": 10, "collapse_duplicates": False}
+        hits = client.post("/search", json=body).get_json()["results"]
+
+    inline = {hit["path"]: base64.b64decode(hit["image"].split(",", 1)[1]) for hit in hits}
+    assert inline == served
+    assert served["plain.jpg"] == files["plain.jpg"]
+    for name in set(files) - {"plain.jpg"}:
+        assert served[name] != files[name], name
+        with Image.open(io.BytesIO(served[name])) as thumbnail:
+            assert thumbnail.format == "JPEG" and thumbnail.mode == "RGB", name
+            assert not {"exif", "comment", "icc_profile"} & set(thumbnail.info), name
+            expected = {"turned.jpg": (30, 40), "large.jpg": (64, 48)}.get(name, (40, 30))
+            assert thumbnail.size == expected, name
+            orange = (15, 5) if name == "turned.jpg" else (5, 15)  # turned: the left half on top
+            assert thumbnail.convert("RGB").resize(expected).getpixel(orange) == pytest.approx(
+                (255, 165, 0), abs=40
+            ), name
+
+
 def test_image_query_by_upload_and_by_data_uri(server, photos):
     dataset, annotations = photos
     path = dataset / annotations[3]["image"]

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from config import Settings
 
 log = logging.getLogger(__name__)
-IMAGE_RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx")
 # Where clip.load keeps the weights of a named model once downloaded (clip's own default).
 CLIP_CACHE_FOLDER = Path("~/.cache/clip").expanduser()
 
@@ -89,17 +89,20 @@ class ClipEncoder:
     """A CLIP model with its preprocessing; safe to call from several threads at once."""
 
     def __init__(
-        self, name: str, device: str = "auto", image_runtime: str = "torch", onnx_cache: str = ""
+        self,
+        name: str,
+        device: str = "auto",
+        image_runtime: str = "torch",
+        onnx_cache: str = "",
+        text_runtime: str = "torch",
     ) -> None:
         if name not in clip.available_models() and not os.path.isfile(name):
             raise ModelLoadError(
                 f"unknown model {name!r}: use one of {', '.join(clip.available_models())} "
                 "or the path of a CLIP checkpoint file"
             )
-        if image_runtime not in IMAGE_RUNTIMES:
-            raise ModelLoadError(
-                f"IMAGE_RUNTIME must be one of {', '.join(IMAGE_RUNTIMES)}, not {image_runtime!r}"
-            )
+        check_runtime("IMAGE_RUNTIME", image_runtime)
+        check_runtime("TEXT_RUNTIME", text_runtime)
         self.name = name
         self.device = resolve_device(device)
         try:
@@ -114,24 +117,42 @@ class ClipEncoder:
         self.dim = int(self.model.text_projection.shape[1])
         self.input_resolution = int(self.model.visual.input_resolution)
         self._onnx = self._onnx_visual(onnx_cache) if image_runtime == "onnx" else None
+        self._onnx_text = self._onnx_text_tower(onnx_cache) if text_runtime == "onnx" else None
         log.info(
-            "loaded CLIP %s on %s (%d-d vectors, images by %s)", name, self.device, self.dim, image_runtime
+            "loaded CLIP %s on %s (%d-d vectors, images by %s, texts by %s)",
+            name,
+            self.device,
+            self.dim,
+            image_runtime,
+            text_runtime,
         )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClipEncoder:
         set_torch_threads(settings.TORCH_THREADS)
-        return cls(settings.MODEL_NAME, settings.DEVICE, settings.IMAGE_RUNTIME, settings.ONNX_CACHE_FOLDER)
+        return cls(
+            settings.MODEL_NAME,
+            settings.DEVICE,
+            settings.IMAGE_RUNTIME,
+            settings.ONNX_CACHE_FOLDER,
+            settings.TEXT_RUNTIME,
+        )
 
     def _onnx_visual(self, cache_folder: str) -> OnnxVisual:
+        return OnnxVisual(
+            self.model.visual, self.input_resolution, self._onnx_path("IMAGE", cache_folder, "visual")
+        )
+
+    def _onnx_text_tower(self, cache_folder: str) -> OnnxText:
+        return OnnxText(TextTower(self.model), self._onnx_path("TEXT", cache_folder, "text"))
+
+    def _onnx_path(self, setting: str, cache_folder: str, tower: str) -> Path:
         if self.device != "cpu":
             raise ModelLoadError(
-                "IMAGE_RUNTIME=onnx runs on the CPU: set DEVICE=cpu, or use torch on the GPU"
+                f"{setting}_RUNTIME=onnx runs on the CPU: set DEVICE=cpu, or use torch on the GPU"
             )
-        file_name = self.identity.replace("/", "-").replace("#", "-") + "-visual.onnx"
-        return OnnxVisual(
-            self.model.visual, self.input_resolution, Path(cache_folder).expanduser() / file_name
-        )
+        file_name = self.identity.replace("/", "-").replace("#", "-") + f"-{tower}.onnx"
+        return Path(cache_folder).expanduser() / file_name
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.preprocess(image)
@@ -163,8 +184,10 @@ class ClipEncoder:
     @torch.inference_mode()
     def _encode_texts_here(self, texts: Sequence[str]) -> np.ndarray:
         tokens = clip.tokenize(list(texts), truncate=True).to(self.device)
-        length = int(tokens.argmax(dim=-1).max()) + 1
-        return _normalised(self._encode_tokens(tokens[:, :length]))
+        tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
+        if self._onnx_text is not None:
+            return _normalised(self._onnx_text.encode(tokens))
+        return _normalised(self._encode_tokens(tokens))
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -181,6 +204,59 @@ class ClipEncoder:
         return end_tokens @ model.text_projection
 
 
+class TextTower(torch.nn.Module):
+    """CLIP's text tower up to the longest text's end token, written out for export to ONNX: the
+    attention by hand, so that the export keeps the text's length a free dimension (torch's own
+    attention module bakes the traced length into its reshapes)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        count, length = tokens.shape
+        x = model.token_embedding(tokens) + model.positional_embedding[:length]
+        mask = _causal_mask(length, x.device, x.dtype)
+        for block in model.transformer.resblocks:
+            x = x + _attention_by_hand(block.attn, block.ln_1(x), mask)
+            x = x + block.mlp(block.ln_2(x))
+        x = model.ln_final(x)
+        return x[torch.arange(count), tokens.argmax(dim=-1)] @ model.text_projection
+
+
+def _attention_by_hand(
+    attention: torch.nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """`attention(x, x, x, attn_mask=mask)` for batch-first `x`, from the module's own weights."""
+    count, length, _ = x.shape
+    projected = torch.nn.functional.linear(x, attention.in_proj_weight, attention.in_proj_bias)
+    query, key, value = (
+        part.reshape(count, length, attention.num_heads, -1).transpose(1, 2)
+        for part in projected.chunk(3, dim=-1)
+    )
+    attended = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    return attention.out_proj(attended.transpose(1, 2).reshape(count, length, -1))
+
+
+class OnnxText:
+    """CLIP's text tower exported to ONNX once (cached per model) and run by ONNX Runtime: a text
+    query's encoding without torch's cost per operation, which dominates at a few tokens."""
+
+    def __init__(self, tower: TextTower, path: Path) -> None:
+        import onnxruntime
+
+        if not path.is_file():
+            _export(tower, (torch.zeros(1, 2, dtype=torch.long),), path, "tokens", {0: "batch", 1: "length"})
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        features = self.session.run(None, {"tokens": tokens.numpy()})[0]
+        return torch.from_numpy(features)
+
+
 class OnnxVisual:
     """CLIP's image tower exported to ONNX once (cached per model) and run by ONNX Runtime."""
 
@@ -188,7 +264,7 @@ class OnnxVisual:
         import onnxruntime
 
         if not path.is_file():
-            _export_visual(visual, resolution, path)
+            _export(visual, (torch.zeros(1, 3, resolution, resolution),), path, "pixels", {0: "batch"})
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -198,25 +274,33 @@ class OnnxVisual:
         return torch.from_numpy(features)
 
 
-def _export_visual(visual: torch.nn.Module, resolution: int, path: Path) -> None:
-    """Export to a temporary file beside `path`, then rename: a crash never leaves half a model."""
-    log.info("exporting the image encoder to ONNX: %s (once per model)", path)
+def _export(
+    tower: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, name: str, free: dict[int, str]
+) -> None:
+    """Export `tower` (one input, `name`, whose dimensions `free` may vary) to a temporary file beside
+    `path`, then rename: a crash never leaves half a model."""
+    log.info("exporting a CLIP encoder to ONNX: %s (once per model)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         partial = Path(folder) / path.name
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                visual,
-                (torch.zeros(1, 3, resolution, resolution),),
+                tower,
+                example,
                 str(partial),
-                input_names=["pixels"],
+                input_names=[name],
                 output_names=["features"],
-                dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+                dynamic_axes={name: free, "features": {0: "batch"}},
                 opset_version=17,
                 dynamo=False,
             )
         os.replace(partial, path)
+
+
+def check_runtime(setting: str, runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ModelLoadError(f"{setting} must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
 
 
 def _attend(block: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

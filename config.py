@@ -49,7 +49,7 @@ class Settings:
     TORCH_THREADS: int = 0
     # "torch", or "onnx": images encoded by ONNX Runtime on the CPU (same vectors, 1.27x faster here).
     IMAGE_RUNTIME: str = "torch"
-    # "torch", or "onnx": query texts encoded by ONNX Runtime on the CPU (same vectors, 3-4x faster here).
+    # "torch", or "onnx": query texts encoded by ONNX Runtime on the CPU (same vectors, 2.7x faster here).
     TEXT_RUNTIME: str = "torch"
     ONNX_CACHE_FOLDER: str = "~/.cache/semantic-image-search"
     # HNSW index of a new collection (recall@10 >= 0.99 at 100k vectors, see bench/RESULTS.md).

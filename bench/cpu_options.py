@@ -88,7 +88,17 @@ def text_options(encoder: ClipEncoder) -> dict[str, Callable[[str], np.ndarray]]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return default(text)
 
-    return {"torch fp32 (default)": default, "torch fp32, 1 thread": one_thread, "torch bf16 autocast": bf16}
+    onnx_encoder = ClipEncoder(encoder.name, "cpu", onnx_cache=str(ONNX_CACHE), text_runtime="onnx")
+
+    def onnx_runtime(text: str) -> np.ndarray:  # the TEXT_RUNTIME=onnx path
+        return onnx_encoder.encode_texts([text])
+
+    return {
+        "torch fp32 (default)": default,
+        "torch fp32, 1 thread": one_thread,
+        "torch bf16 autocast": bf16,
+        "ONNX Runtime fp32": onnx_runtime,
+    }
 
 
 def load_pixels(encoder: ClipEncoder, count: int) -> torch.Tensor:
@@ -152,7 +162,8 @@ def main() -> None:
         f"{args.images} coco_mini photos, preprocessed once; best of {args.rounds} interleaved rounds; "
         f"torch default threads = {torch.get_num_threads()}. The CPU has no AVX-512/AMX, so bf16 is "
         "emulated. ONNX: `IMAGE_RUNTIME=onnx` (clip_encoder.OnnxVisual: the visual tower exported with "
-        "torch.onnx, opset 17, CPUExecutionProvider, intra-op threads = torch threads).",
+        "torch.onnx, opset 17, CPUExecutionProvider, intra-op threads = torch threads); `TEXT_RUNTIME=onnx` "
+        "(clip_encoder.OnnxText: the text tower, its length a free dimension, run up to the end token).",
     ]
     report("CPU inference options", tables, notes, "ViT-B/32 architecture")
 

@@ -6,7 +6,8 @@ A text query encodes its text on every core (torch, on the encoder's one text th
 product codes on every core (faiss). OpenMP threads that keep spinning once the encoding is done take
 a core from the scan; threads that sleep at once must be woken for each of the encoder's hundreds of
 small parallel steps. Each variant serves the synthetic collection of `--size` images
-(bench/synthetic.py) with `python api.py` under that OpenMP environment; one client sends the same
+(bench/synthetic.py) with `python api.py` under that OpenMP environment (one variant also encodes
+texts with ONNX Runtime, `TEXT_RUNTIME=onnx`); one client sends the same
 captions over HTTP as bench/scale.py does, and the server's Server-Timing header splits each request
 into encoding, ranking and pictures. The client's own encoding of the same captions (this process,
 OpenMP's defaults, one caption after another) is bench/scale.py's "encode p50". The variants run
@@ -30,6 +31,11 @@ from clip_encoder import ClipEncoder
 
 VARIANTS = {
     "GOMP_SPINCOUNT=100000 (api.py's default)": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "100000"},
+    "GOMP_SPINCOUNT=100000, TEXT_RUNTIME=onnx": {
+        "OMP_WAIT_POLICY": "",
+        "GOMP_SPINCOUNT": "100000",
+        "TEXT_RUNTIME": "onnx",
+    },
     "OMP_WAIT_POLICY=PASSIVE (before)": {"OMP_WAIT_POLICY": "PASSIVE"},
     "GOMP_SPINCOUNT=30000": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "30000"},
     "GOMP_SPINCOUNT=300000 (libgomp's default)": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "300000"},

@@ -139,13 +139,15 @@ class ClipEncoder:
             settings.TEXT_RUNTIME,
         )
 
-    def _onnx_visual(self, cache_folder: str) -> OnnxVisual:
-        return OnnxVisual(
-            self.model.visual, self.input_resolution, self._onnx_path("IMAGE", cache_folder, "visual")
-        )
+    def _onnx_visual(self, cache_folder: str) -> OnnxTower:
+        pixels = torch.zeros(1, 3, self.input_resolution, self.input_resolution)
+        path = self._onnx_path("IMAGE", cache_folder, "visual")
+        return OnnxTower(self.model.visual, path, "pixels", pixels, {0: "batch"})
 
-    def _onnx_text_tower(self, cache_folder: str) -> OnnxText:
-        return OnnxText(self._text_tower, self._onnx_path("TEXT", cache_folder, "text"))
+    def _onnx_text_tower(self, cache_folder: str) -> OnnxTower:
+        tokens = torch.zeros(1, 2, dtype=torch.long)
+        path = self._onnx_path("TEXT", cache_folder, "text")
+        return OnnxTower(self._text_tower, path, "tokens", tokens, {0: "batch", 1: "length"})
 
     def _onnx_path(self, setting: str, cache_folder: str, tower: str) -> Path:
         if self.device != "cpu":
@@ -162,7 +164,7 @@ class ClipEncoder:
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Vectors of a batch of preprocessed images (N x 3 x R x R)."""
         if self._onnx is not None:
-            return _normalised(self._onnx.encode(pixels))
+            return _normalised(self._onnx.encode(pixels.float()))
         on_cuda = self.device.startswith("cuda")
         features = self.model.encode_image(pixels.to(self.device, self.model.dtype, non_blocking=on_cuda))
         return _normalised(features)
@@ -188,10 +190,7 @@ class ClipEncoder:
         tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
         if self._onnx_text is not None:
             return _normalised(self._onnx_text.encode(tokens))
-        return _normalised(self._encode_tokens(tokens))
-
-    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._text_tower(tokens)
+        return _normalised(self._text_tower(tokens))
 
 
 class TextTower(torch.nn.Module):
@@ -230,46 +229,32 @@ def _attention_by_hand(
     return attention.out_proj(attended.transpose(1, 2).reshape(count, length, -1))
 
 
-class OnnxText:
-    """CLIP's text tower exported to ONNX once (cached per model) and run by ONNX Runtime: a text
-    query's encoding without torch's cost per operation, which dominates at a few tokens."""
+class OnnxTower:
+    """One of CLIP's towers exported to ONNX once (cached per model) and run by ONNX Runtime: the image
+    tower, or the text tower without torch's cost per operation, which dominates at a few tokens."""
 
-    def __init__(self, tower: TextTower, path: Path) -> None:
+    def __init__(
+        self, tower: torch.nn.Module, path: Path, name: str, example: torch.Tensor, free: dict[int, str]
+    ) -> None:
         import onnxruntime
 
         if not path.is_file():
-            _export(tower, (torch.zeros(1, 2, dtype=torch.long),), path, "tokens", {0: "batch", 1: "length"})
+            _export(tower, path, name, example, free)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.name = name
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        features = self.session.run(None, {"tokens": tokens.numpy()})[0]
-        return torch.from_numpy(features)
-
-
-class OnnxVisual:
-    """CLIP's image tower exported to ONNX once (cached per model) and run by ONNX Runtime."""
-
-    def __init__(self, visual: torch.nn.Module, resolution: int, path: Path) -> None:
-        import onnxruntime
-
-        if not path.is_file():
-            _export(visual, (torch.zeros(1, 3, resolution, resolution),), path, "pixels", {0: "batch"})
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.session.run(None, {"pixels": pixels.float().numpy()})[0]
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.session.run(None, {self.name: inputs.numpy()})[0]
         return torch.from_numpy(features)
 
 
 def _export(
-    tower: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, name: str, free: dict[int, str]
+    tower: torch.nn.Module, path: Path, name: str, example: torch.Tensor, free: dict[int, str]
 ) -> None:
-    """Export `tower` (one input, `name`, whose dimensions `free` may vary) to a temporary file beside
-    `path`, then rename: a crash never leaves half a model."""
+    """Export `tower` (one input, `name`, shaped like `example` but for its dimensions `free`) to a
+    temporary file beside `path`, then rename: a crash never leaves half a model."""
     log.info("exporting a CLIP encoder to ONNX: %s (once per model)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
@@ -278,7 +263,7 @@ def _export(
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 tower,
-                example,
+                (example,),
                 str(partial),
                 input_names=[name],
                 output_names=["features"],

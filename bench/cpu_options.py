@@ -161,9 +161,9 @@ def main() -> None:
     notes = [
         f"{args.images} coco_mini photos, preprocessed once; best of {args.rounds} interleaved rounds; "
         f"torch default threads = {torch.get_num_threads()}. The CPU has no AVX-512/AMX, so bf16 is "
-        "emulated. ONNX: `IMAGE_RUNTIME=onnx` (clip_encoder.OnnxVisual: the visual tower exported with "
+        "emulated. ONNX: `IMAGE_RUNTIME=onnx` (clip_encoder.OnnxTower: the visual tower exported with "
         "torch.onnx, opset 17, CPUExecutionProvider, intra-op threads = torch threads); `TEXT_RUNTIME=onnx` "
-        "(clip_encoder.OnnxText: the text tower, its length a free dimension, run up to the end token).",
+        "(clip_encoder.OnnxTower: the text tower, its length a free dimension, run up to the end token).",
     ]
     report("CPU inference options", tables, notes, "ViT-B/32 architecture")
 

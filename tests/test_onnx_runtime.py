@@ -45,10 +45,10 @@ def test_onnx_text_runtime_encodes_the_reference_vectors_and_ranks_alike(
 ):
     import clip_encoder
 
-    run = clip_encoder.OnnxText.encode
+    run = clip_encoder.OnnxTower.encode
     lengths = []
     monkeypatch.setattr(
-        clip_encoder.OnnxText,
+        clip_encoder.OnnxTower,
         "encode",
         lambda self, tokens: lengths.append(tokens.shape) or run(self, tokens),
     )

@@ -86,16 +86,16 @@ def test_texts_asked_from_many_threads_are_encoded_on_one_as_the_model_encodes_t
     import clip
     import torch
 
-    from clip_encoder import ClipEncoder
+    from clip_encoder import TextTower
 
     encoded_on: set[str] = set()
-    encode_tokens = ClipEncoder._encode_tokens
+    encode_tokens = TextTower.forward
 
-    def recorded(self: ClipEncoder, tokens: torch.Tensor) -> torch.Tensor:
+    def recorded(self: TextTower, tokens: torch.Tensor) -> torch.Tensor:
         encoded_on.add(threading.current_thread().name)
         return encode_tokens(self, tokens)
 
-    monkeypatch.setattr(ClipEncoder, "_encode_tokens", recorded)
+    monkeypatch.setattr(TextTower, "forward", recorded)
     texts = [f"a photo of {count} dogs on a beach" for count in range(24)]
     with ThreadPoolExecutor(max_workers=4) as requests:
         vectors = list(requests.map(lambda text: encoder.encode_texts([text])[0], texts))

@@ -188,7 +188,7 @@ class ProductCodes:
             kept = rows[0] >= 0
             return scores[0][kept], rows[0][kept] + number * SHARD_ROWS
 
-        found = list(_pool().map(search, range(len(self._shards))))
+        found = list(search_pool().map(search, range(len(self._shards))))
         scores = np.concatenate([shard_scores for shard_scores, _ in found])
         rows = np.concatenate([shard_rows for _, shard_rows in found])
         if len(rows) > fetch:
@@ -206,8 +206,9 @@ class Candidates(NamedTuple):
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """Threads that search the shards side by side (faiss lets go of the GIL)."""
+def search_pool() -> ThreadPoolExecutor:
+    """One thread per core for a search's parts run side by side: the shards of the codes, and the
+    shares of the candidates whose float32 rows are read (faiss and numpy let go of the GIL)."""
     from loaders import available_cores  # torch, loaded by then: the mirror imports scan_copy first
 
     return ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="codes-search")

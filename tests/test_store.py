@@ -643,6 +643,7 @@ def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_
     monkeypatch.setattr("product_codes.RERANK", 300)  # of ~2,800 rows: the codes must choose
     monkeypatch.setattr("product_codes.SHARD_ROWS", 1024)  # 3,100 rows: four shards, searched side by side
     monkeypatch.setattr("catalog.FIRST_STAGE", 16)  # candidates read in stages of 41, 82, 164, ...
+    monkeypatch.setattr("catalog.GATHER_BYTES", 20 * 64 * 4)  # 20 rows a block: shares read side by side
     codes_from = first_pass["codes_from"]
     if codes_from:
         monkeypatch.setattr("scan_copy.best_rows", fail_if_scanned)
@@ -716,8 +717,9 @@ def test_a_fields_numbers_are_read_once_and_follow_every_write(embedded, monkeyp
         assert numbers(["new"]).tolist() == [7.5]
 
 
-def test_ranked_rows_and_twins_agree_with_numpy_over_any_rows(tmp_path):
+def test_ranked_rows_and_twins_agree_with_numpy_over_any_rows(tmp_path, monkeypatch):
     dim, count = 16, 3000
+    monkeypatch.setattr("catalog.GATHER_BYTES", 128 * 16 * 4)  # 128 rows a block, in shares side by side
     rng = np.random.default_rng(23)
     vectors = rng.normal(size=(count, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ LATENCY_COLUMNS = [
     "p99 ms",
     "p99/p50",
     "encode p50 ms",
+    "server encode p50 ms",
     "first use ms",
 ]
 # A cold start at 1M images reads every record from Chroma: minutes, not the tests' 3.
@@ -230,10 +232,12 @@ class Sizes:
     def latency(self, session: requests.Session, url: str, used: str) -> list[list[object]]:
         size = self.collection.size
 
+        stages: dict[str, list[float]] = defaultdict(list)
+
         def text_pairs(filters: str | None, mode: str = "vector") -> list:
             bodies = [{"query": text, "top_k": K, "filters": filters, "mode": mode} for text in self.texts]
             return [
-                (lambda t=text: self.encoder.encode_texts([t]), post_search(session, url, body))
+                (lambda t=text: self.encoder.encode_texts([t]), post_search(session, url, body, stages))
                 for text, body in zip(self.texts, bodies, strict=True)
             ]
 
@@ -241,23 +245,26 @@ class Sizes:
         self.first_use_rows += [[size, used, label, f"`{spec}`", ms] for label, spec, ms in uses]
         first_use = {label: ms for label, _, ms in uses}
         encode_ms, text_ms = paired(text_pairs(None))
-        rows = [[size, used, "text", *spread(text_ms), percentile(encode_ms, 50), "-"]]
+        server_encode = percentile(stages["encode"][-len(self.texts) :], 50)  # no warm-up
+        rows = [[size, used, "text", *spread(text_ms), percentile(encode_ms, 50), server_encode, "-"]]
         for label, (spec, _) in FILTERS.items():
             _, filtered_ms = paired(text_pairs(spec))
-            rows.append([size, used, f"text + {label} filter", *spread(filtered_ms), "-", first_use[label]])
+            rows.append(
+                [size, used, f"text + {label} filter", *spread(filtered_ms), "-", "-", first_use[label]]
+            )
         rng = np.random.default_rng(size)
         similar = [
             post_search(session, url, {"similar_to": self.collection.ids[i], "top_k": K})
             for i in rng.choice(size, len(self.texts), replace=False)
         ]
         _, similar_ms = paired([(lambda: None, send) for send in similar])
-        rows.append([size, used, "more like this", *spread(similar_ms), "-", "-"])
+        rows.append([size, used, "more like this", *spread(similar_ms), "-", "-", "-"])
         names = [f"{i:06d}" for i in rng.choice(size, len(self.texts), replace=False)]
         keyword = [
             post_search(session, url, {"query": name, "mode": "keyword", "top_k": K}) for name in names
         ]
         _, keyword_ms = paired([(lambda: None, send) for send in keyword])
-        rows.append([size, used, "keyword (file name)", *spread(keyword_ms), "-", "-"])
+        rows.append([size, used, "keyword (file name)", *spread(keyword_ms), "-", "-", "-"])
         return rows
 
     def first_uses(self, session: requests.Session, url: str) -> list[tuple[str, str, float]]:
@@ -381,7 +388,10 @@ def main() -> None:
         "Latency: POST /search over HTTP, top 10 with thumbnails, one client, keep-alive, "
         "API_THREADS=4, the mirror's files read into the page cache before the server starts, after 10 "
         "warm-up queries; `first use` is the first query with that filter "
-        "(its mask is computed once per filter and mirror version, then cached).",
+        "(its mask is computed once per filter and mirror version, then cached). `encode p50` is this "
+        "client's encoding of the same captions, timed in alternating blocks of ten with the requests "
+        "(bench/query_latency.py, `paired`); `server encode p50` the server's own, from its "
+        "Server-Timing header.",
         "First use of a filter: the first query with it (`a dog`, over HTTP, encoding included) on a fresh "
         "server, in the order listed: the first filter on a field reads that field of every image, a later "
         "one finds it read (columns.py).",

@@ -17,13 +17,12 @@ OpenMP's defaults, one caption after another) is bench/scale.py's "encode p50". 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from collections import defaultdict
 
 import requests
 from common import markdown_table, percentile, report
-from query_latency import captions, paired
+from query_latency import captions, paired, post_search
 from scale import first_pass, measured_server
 from synthetic import synthetic_collection
 
@@ -40,7 +39,6 @@ VARIANTS = {
     "GOMP_SPINCOUNT=30000": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "30000"},
     "GOMP_SPINCOUNT=300000 (libgomp's default)": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "300000"},
 }
-STAGE = re.compile(r"(\w+);dur=([\d.]+)")
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,21 +52,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-class TimedSearch:
-    """POST /search of one body, recording the server's stages of each answer."""
-
-    def __init__(
-        self, session: requests.Session, url: str, body: dict, stages: dict[str, list[float]]
-    ) -> None:
-        self.session, self.url, self.body, self.stages = session, url, body, stages
-
-    def __call__(self) -> None:
-        answer = self.session.post(f"{self.url}/search", json=self.body, timeout=60)
-        answer.raise_for_status()
-        for stage, ms in STAGE.findall(answer.headers["Server-Timing"]):
-            self.stages[stage].append(float(ms))
-
-
 def measure(
     variant: dict[str, str], texts: list[str], encoder: ClipEncoder, size: int
 ) -> dict[str, list[float]]:
@@ -79,7 +62,7 @@ def measure(
         pairs = [
             (
                 lambda t=text: encoder.encode_texts([t]),
-                TimedSearch(session, server.url, {"query": text, "top_k": 10}, stages),
+                post_search(session, server.url, {"query": text, "top_k": 10}, stages),
             )
             for text in texts
         ]

@@ -264,6 +264,29 @@ def test_a_reopened_store_takes_its_mirror_from_disk_without_reading_chroma(embe
     assert mirror_builds(embedded) == builds and len(builds) == 1
 
 
+def test_a_mirror_without_the_index_on_ids_gets_it_and_reads_the_same_rows(tmp_path):
+    """Ids are read at each open from the index on ids (it holds the rows too), not from the table of
+    metadata; a mirror of an earlier version, without that index, gets it at its next open."""
+    dim, count = 8, 50
+    vectors = np.eye(count, dim, dtype=np.float32) + 0.01
+    ids = [f"img-{i}" for i in range(count)]
+    catalog = Catalog(tmp_path / "mirror", dim)
+    catalog.put(ids, vectors, [{"n": i} for i in range(count)])
+    catalog.remove(ids[5:9])
+    catalog.put(["late"], vectors[:1], [{"n": -1}])  # takes a freed row
+    expected = {image_id: catalog.rows_of([image_id])[0] for image_id in [*ids[:5], *ids[9:], "late"]}
+    catalog._db.execute("DROP INDEX images_by_id")
+    catalog.close()
+    reopened = Catalog(tmp_path / "mirror", dim)
+    plan = reopened._db.execute("EXPLAIN QUERY PLAN SELECT row, id FROM images").fetchall()
+    assert "COVERING INDEX images_by_id" in str(plan)
+    assert {image_id: reopened.rows_of([image_id])[0] for image_id, _ in reopened.items()} == expected
+    assert reopened.rows_of(ids[5:9]).tolist() == [ABSENT] * 4
+    reopened.put(ids[5:9], vectors[5:9], [{"n": i} for i in range(5, 9)])  # the free rows, no growth
+    assert len(reopened._ids) == len(catalog._ids)
+    reopened.close()
+
+
 def test_candidates_are_read_until_no_unread_one_can_enter_the_top():
     """Reading candidates best first by approximate score stops only once the top's last exact score
     is above the next approximate score by ERROR_MARGIN times the largest error seen."""

@@ -211,4 +211,4 @@ def search_pool() -> ThreadPoolExecutor:
     shares of the candidates whose float32 rows are read (faiss and numpy let go of the GIL)."""
     from loaders import available_cores  # torch, loaded by then: the mirror imports scan_copy first
 
-    return ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="codes-search")
+    return ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="search")

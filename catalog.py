@@ -762,18 +762,17 @@ class Catalog:
         """The `count` best of `rows` by exact cosine, where `rows` come best first by `approximate`
         scores.
 
-        The float32 vectors are read in stages of doubling size, from `FIRST_STAGE` + `count` rows,
-        until no row left unread could still enter the top: its approximate score is no higher than
-        the next one's, and it would have to be off by `ERROR_MARGIN` times the largest error of the
-        approximate scores read so far. An image query's neighbours stand out and settle in the first
-        stage; a text query's do not, and read every candidate.
+        The float32 vectors of the first `FIRST_STAGE` + `count` rows are read, then at once those of
+        every row that could still enter the top (`_rows_to_read`), and again until none can. An image
+        query's neighbours stand out and settle in the first stage; a text query's do not, and read
+        every candidate in a second (3,000 candidates at 1M: 1.45-1.88 ms against 1.98-2.41 ms in
+        four stages of doubling size, the earlier way, in two A/B runs).
         """
         read = min(rows.size, FIRST_STAGE + count)
         exact = self._exact_scores(rows[:read], query)
-        while read < rows.size and not _settled(exact, approximate[:read], approximate[read], count):
-            more = min(rows.size, 2 * read)
-            exact = np.concatenate([exact, self._exact_scores(rows[read:more], query)])
-            read = more
+        while (end := _rows_to_read(exact, approximate, count)) > read:
+            exact = np.concatenate([exact, self._exact_scores(rows[read:end], query)])
+            read = end
         return self._best(rows[:read], exact, count)
 
     def _best(self, rows: np.ndarray, scores: np.ndarray, count: int) -> list[tuple[str, float]]:
@@ -799,15 +798,22 @@ def _shares(count: int, block: int) -> list[range]:
     return [range(start, end) for start, end in itertools.pairwise(bounds)]
 
 
-def _settled(exact: np.ndarray, approximate: np.ndarray, next_approximate: float, count: int) -> bool:
-    """Whether no row after these, approximate score `next_approximate` or less, can still enter the
-    `count` best of `exact`: not unless its approximate score is off by `ERROR_MARGIN` times the
-    largest error seen among these rows (rows with no approximate score, inf, do not count)."""
-    scored = np.isfinite(approximate)
-    if len(exact) < count or not scored.any():
-        return False
-    error = float(np.max(np.abs(exact[scored] - approximate[scored])))
-    return float(np.partition(exact, -count)[-count]) > next_approximate + ERROR_MARGIN * error
+def _rows_to_read(exact: np.ndarray, approximate: np.ndarray, count: int) -> int:
+    """How many of the candidates, best first by `approximate` score, must be read to rank the `count`
+    best exactly, given the `exact` scores of the first ones: none more once no unread row can still
+    enter the top, else at least twice those read (so that the reads stay few), and up to the last row
+    whose approximate score reaches the top's last exact score less `ERROR_MARGIN` times the largest
+    error seen among those read (rows with no approximate score, inf, do not count). Twice those read
+    while fewer than `count` are, or no error is known yet."""
+    read = len(exact)
+    doubled = min(len(approximate), 2 * read)
+    scored = np.isfinite(approximate[:read])
+    if read < count or not scored.any():
+        return doubled
+    error = float(np.max(np.abs(exact[scored] - approximate[:read][scored])))
+    floor = float(np.partition(exact, -count)[-count]) - ERROR_MARGIN * error
+    last = read + int(np.searchsorted(-approximate[read:], -floor, side="right"))
+    return read if last == read else max(last, doubled)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 from conftest import ChromaServer, free_port
 
 import store
-from catalog import RECENT_FIELDS, Catalog, _settled
+from catalog import RECENT_FIELDS, Catalog, _rows_to_read
 from columns import ABSENT, FieldColumn, read_column
 from config import Settings
 from errors import StoreError
@@ -287,17 +287,23 @@ def test_a_mirror_without_the_index_on_ids_gets_it_and_reads_the_same_rows(tmp_p
     reopened.close()
 
 
-def test_candidates_are_read_until_no_unread_one_can_enter_the_top():
-    """Reading candidates best first by approximate score stops only once the top's last exact score
-    is above the next approximate score by ERROR_MARGIN times the largest error seen."""
-    exact = np.array([0.90, 0.80, 0.50], dtype=np.float32)
-    approximate = np.array([0.88, 0.83, 0.52], dtype=np.float32)  # off by 0.03 at most
-    assert _settled(exact, approximate, 0.50, count=2)  # 0.80 > 0.50 + 2 x 0.03
-    assert not _settled(exact, approximate, 0.75, count=2)  # a row at 0.75 may be 0.81 in truth
-    assert not _settled(exact, approximate, 0.50, count=3)  # the top's last, 0.50, is not above
-    assert not _settled(exact, approximate, 0.10, count=4)  # fewer read than asked
-    assert not _settled(exact, np.full(3, np.inf, dtype=np.float32), 0.10, count=2)  # no error known
-    assert _settled(exact, np.array([np.inf, 0.83, 0.52], dtype=np.float32), 0.70, count=2)
+def test_candidates_are_read_up_to_the_last_one_that_can_still_enter_the_top():
+    """Candidates come best first by approximate score; those read so far bound the error of the
+    approximate scores, and every unread one within ERROR_MARGIN times that error of the top's last
+    exact score must be read too."""
+    approximate = np.array([0.875, 0.8125, 0.75, 0.6875, 0.625, 0.5625, 0.5], dtype=np.float32)
+    exact = np.array([0.90625, 0.78125, 0.75], dtype=np.float32)  # off by 1/32 at most
+    assert _rows_to_read(exact, approximate, count=2) == 3  # 0.6875 < 0.78125 - 2/32: settled
+    assert _rows_to_read(exact, approximate, count=3) == 6  # 0.6875 may be 0.75: twice those read
+    assert _rows_to_read(exact[:1], approximate, count=1) == 1  # 0.8125 < 0.90625 - 2/32: settled
+    off_by_an_eighth = np.array([0.75], dtype=np.float32)
+    assert _rows_to_read(off_by_an_eighth, approximate, count=1) == 7  # all reach 0.75 - 2/8
+    assert _rows_to_read(off_by_an_eighth, approximate[:-1], count=1) == 6  # no more than there are
+    assert _rows_to_read(exact, approximate, count=4) == 6  # fewer read than asked: twice as many
+    assert _rows_to_read(exact, np.full(7, np.inf, dtype=np.float32), count=2) == 6  # no error known
+    unscored_first = np.array([np.inf, 0.8125, 0.75, 0.6875, 0.625, 0.5625, 0.5], dtype=np.float32)
+    assert _rows_to_read(exact, unscored_first, count=2) == 3  # its error (inf) is not counted
+    assert _rows_to_read(exact, approximate[:3], count=4) == 3  # every candidate read
 
 
 def test_an_image_query_settles_in_the_first_stage_and_a_random_direction_reads_every_candidate(
@@ -306,13 +312,13 @@ def test_an_image_query_settles_in_the_first_stage_and_a_random_direction_reads_
     """Both still give the exact top; only how many candidates were read in float32 differs."""
     monkeypatch.setattr("product_codes.RERANK", 400)
     monkeypatch.setattr("catalog.FIRST_STAGE", 32)
-    settled: list[bool] = []
+    reads: list[tuple[int, int]] = []  # (candidates read, candidates to read) at each check
 
-    def recorded_settled(*arguments: Any) -> bool:
-        settled.append(_settled(*arguments))
-        return settled[-1]
+    def recorded_rows_to_read(exact: np.ndarray, approximate: np.ndarray, count: int) -> int:
+        reads.append((len(exact), _rows_to_read(exact, approximate, count)))
+        return reads[-1][1]
 
-    monkeypatch.setattr("catalog._settled", recorded_settled)
+    monkeypatch.setattr("catalog._rows_to_read", recorded_rows_to_read)
     dim, rng = 64, np.random.default_rng(5)
     centres = rng.normal(size=(100, dim))
     vectors = (np.repeat(centres, 30, axis=0) + 0.1 * rng.normal(size=(3000, dim))).astype(np.float32)
@@ -324,14 +330,15 @@ def test_an_image_query_settles_in_the_first_stage_and_a_random_direction_reads_
     assert catalog.wait_for_codes()
     direction = rng.normal(size=dim).astype(np.float32)
     for query, stops_early in [(vectors[45], True), (direction / np.linalg.norm(direction), False)]:
-        settled.clear()
+        reads.clear()
         found = catalog.exact_top(query, None, 10, exclude=frozenset({"img-45"}))
         truth = [i for i in np.argsort(-(vectors @ query), kind="stable") if i != 45][:10]
         assert [image_id for image_id, _ in found] == [ids[i] for i in truth]
         if stops_early:
-            assert settled == [True]  # at the first check: 42 of the 410 candidates read
+            assert reads == [(42, 42)]  # settled at the first check: 42 of the 411 candidates read
         else:
-            assert settled and not any(settled)  # every candidate read
+            assert reads[-1] == (411, 411)  # every candidate: RERANK + 10 + the one excluded
+            assert len(reads) < 5  # doubling from 42 checks at 42, 84, 168, 336 and 411
     catalog.close()
 
 
@@ -665,7 +672,7 @@ def test_exact_top_equals_float32_cosine_through_writes_deletes_and_a_lost_scan_
     monkeypatch.setattr("catalog.GATHER_MAX_SHARE", first_pass["share"])
     monkeypatch.setattr("product_codes.RERANK", 300)  # of ~2,800 rows: the codes must choose
     monkeypatch.setattr("product_codes.SHARD_ROWS", 1024)  # 3,100 rows: four shards, searched side by side
-    monkeypatch.setattr("catalog.FIRST_STAGE", 16)  # candidates read in stages of 41, 82, 164, ...
+    monkeypatch.setattr("catalog.FIRST_STAGE", 16)  # candidates read from 41 on, in stages
     monkeypatch.setattr("catalog.GATHER_BYTES", 20 * 64 * 4)  # 20 rows a block: shares read side by side
     codes_from = first_pass["codes_from"]
     if codes_from:
